@@ -1,0 +1,74 @@
+"""Build the two compiled extensions.
+
+* ``localattn._C``: the local attention op (csrc/localattn). C++ CPU kernels always; the CUDA
+  kernels in csrc/localattn/cuda when torch has CUDA and a CUDA toolkit is found.
+* ``unet._C``: the post-processing ops (csrc/postprocess), CPU only.
+
+Environment switches:
+  LOCALATTN_WITH_CUDA=1  build the CUDA kernels, fail if that is impossible
+  LOCALATTN_WITH_CUDA=0  never build them
+  (unset)                build them when torch.version.cuda and CUDA_HOME are both present
+  TORCH_CUDA_ARCH_LIST   the GPU architectures to compile for, as usual for torch extensions
+  MAX_JOBS               parallel compile jobs, as usual for torch extensions
+"""
+
+import glob
+import os
+import sys
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CXX_FLAGS = ["-O3", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+
+
+def sources(pattern: str) -> list[str]:
+    """Sorted source files relative to the repository root, so builds are reproducible."""
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def want_cuda() -> bool:
+    switch = os.environ.get("LOCALATTN_WITH_CUDA", "").strip()
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if switch == "0":
+        return False
+    if switch == "1":
+        if not available:
+            sys.exit(
+                "LOCALATTN_WITH_CUDA=1 but CUDA cannot be built: "
+                f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
+            )
+        return True
+    return available
+
+
+def localattn_extension():
+    cpp = sources("csrc/localattn/*.cpp") + sources("csrc/localattn/cpu/*.cpp")
+    if want_cuda():
+        return CUDAExtension(
+            "localattn._C",
+            cpp + sources("csrc/localattn/cuda/*.cu"),
+            extra_compile_args={"cxx": CXX_FLAGS + ["-DWITH_CUDA"], "nvcc": NVCC_FLAGS},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "localattn._C", cpp, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"]
+    )
+
+
+def postprocess_extension():
+    return CppExtension(
+        "unet._C",
+        sources("csrc/postprocess/*.cpp"),
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[localattn_extension(), postprocess_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
