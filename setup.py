@@ -10,6 +10,7 @@ Environment switches:
   (unset)                build them when torch.version.cuda and CUDA_HOME are both present
   TORCH_CUDA_ARCH_LIST   the GPU architectures to compile for, as usual for torch extensions
   MAX_JOBS               parallel compile jobs, as usual for torch extensions
+  BUILD_EXTENSIONS       comma-separated subset to build (e.g. "unet._C"), for quick rebuilds
 """
 
 import glob
@@ -68,7 +69,13 @@ def postprocess_extension():
     )
 
 
+def selected_extensions():
+    extensions = [localattn_extension(), postprocess_extension()]
+    only = [name for name in os.environ.get("BUILD_EXTENSIONS", "").split(",") if name]
+    return [ext for ext in extensions if not only or ext.name in only]
+
+
 setup(
-    ext_modules=[localattn_extension(), postprocess_extension()],
+    ext_modules=selected_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
