@@ -33,7 +33,11 @@ def sources(pattern: str) -> list[str]:
 
 def want_cuda() -> bool:
     switch = os.environ.get("LOCALATTN_WITH_CUDA", "").strip()
-    available = torch.version.cuda is not None and CUDA_HOME is not None
+    # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there can mislead it.
+    toolkit_found = CUDA_HOME is not None and os.path.exists(
+        os.path.join(CUDA_HOME, "include", "cuda_runtime.h")
+    )
+    available = torch.version.cuda is not None and toolkit_found
     if switch == "0":
         return False
     if switch == "1":
