@@ -1,0 +1,137 @@
+"""A confusion matrix of predicted against true labels, and the IoU figures derived from it.
+
+Mergeable across batches (:meth:`ConfusionMatrix.update`, :meth:`ConfusionMatrix.merge`) and across
+processes (:meth:`ConfusionMatrix.all_reduce`). Target pixels outside ``[0, num_labels)`` are
+ignored (so an "ignore" value such as 255 may be used); predictions outside that range are a bug
+upstream and raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from unet.labels import LABELS, NUM_LABELS
+
+
+class ConfusionMatrix:
+    """``matrix[t, p]`` counts pixels of true label ``t`` predicted as ``p`` (int64, rows = truth)."""
+
+    def __init__(self, num_labels: int = NUM_LABELS, device: torch.device | str | None = None) -> None:
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+        self.num_labels = num_labels
+        self.matrix = torch.zeros(num_labels, num_labels, dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Count a batch of predicted and true label maps (any equal shapes, integer dtypes)."""
+        for name, tensor in (("pred", pred), ("target", target)):
+            if not isinstance(tensor, torch.Tensor) or tensor.is_floating_point() or tensor.is_complex():
+                raise TypeError(f"{name} must be an integer tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}")
+        if pred.shape != target.shape:
+            raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+        pred = pred.to(self.matrix.device, torch.int64).flatten()
+        target = target.to(self.matrix.device, torch.int64).flatten()
+        if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= self.num_labels):
+            raise ValueError(
+                f"pred values must lie in [0, {self.num_labels}), got [{int(pred.min())}, {int(pred.max())}]"
+            )
+        counted = (target >= 0) & (target < self.num_labels)
+        pairs = target[counted] * self.num_labels + pred[counted]
+        self.matrix += torch.bincount(pairs, minlength=self.num_labels**2).view(self.num_labels, self.num_labels)
+
+    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+        """Add another matrix's counts into this one (returns self)."""
+        if not isinstance(other, ConfusionMatrix) or other.num_labels != self.num_labels:
+            raise ValueError(f"can only merge a ConfusionMatrix with num_labels={self.num_labels}")
+        self.matrix += other.matrix.to(self.matrix.device)
+        return self
+
+    def all_reduce(self) -> "ConfusionMatrix":
+        """Sum the counts over all torch.distributed processes when initialised; no-op otherwise."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
+        return self
+
+    def intersection(self) -> torch.Tensor:
+        return self.matrix.diagonal().clone()
+
+    def union(self) -> torch.Tensor:
+        return self.matrix.sum(0) + self.matrix.sum(1) - self.matrix.diagonal()
+
+    def iou(self) -> torch.Tensor:
+        """Per-label IoU (float64); NaN where a label is neither predicted nor true."""
+        union = self.union().double()
+        return torch.where(union > 0, self.intersection().double() / union, torch.full_like(union, math.nan))
+
+    def mean_iou(self) -> float:
+        """Mean IoU over the labels present in the target (NaN when nothing was counted)."""
+        present = self.matrix.sum(1) > 0
+        return float(self.iou()[present].mean()) if bool(present.any()) else math.nan
+
+    def pixel_accuracy(self) -> float:
+        total = int(self.matrix.sum())
+        return int(self.matrix.diagonal().sum()) / total if total else math.nan
+
+    def predicted_mass(self) -> torch.Tensor:
+        """Fraction of counted pixels predicted as each label (float64, sums to 1)."""
+        return self._fraction(self.matrix.sum(0))
+
+    def true_mass(self) -> torch.Tensor:
+        """Fraction of counted pixels truly of each label (float64, sums to 1)."""
+        return self._fraction(self.matrix.sum(1))
+
+    def _fraction(self, counts: torch.Tensor) -> torch.Tensor:
+        total = counts.sum()
+        return counts.double() / total if total > 0 else torch.full_like(counts, math.nan, dtype=torch.float64)
+
+    def label_names(self, label_names: Sequence[str] | None = None) -> list[str]:
+        """``label_names`` checked for length; by default LABELS (24 labels) or the label indices."""
+        if label_names is None:
+            label_names = LABELS if self.num_labels == NUM_LABELS else [str(i) for i in range(self.num_labels)]
+        if len(label_names) != self.num_labels:
+            raise ValueError(f"label_names must hold {self.num_labels} names, got {len(label_names)}")
+        return list(label_names)
+
+    def table(self, label_names: Sequence[str] | None = None) -> str:
+        """A printable per-label table, then pixel accuracy and mean IoU (names default to LABELS)."""
+        label_names = self.label_names(label_names)
+        width = max(12, *(len(name) for name in label_names))
+        header = f"{'label':<{width}} {'intersection':>12} {'union':>12} {'IoU':>7} {'pred mass':>9} {'true mass':>9}"
+        rows = [header, "-" * len(header)]
+        columns = zip(label_names, self.intersection().tolist(), self.union().tolist(), self.iou().tolist(),
+                      self.predicted_mass().tolist(), self.true_mass().tolist())
+        for name, inter, union, iou, pred_mass, true_mass in columns:
+            rows.append(f"{name:<{width}} {inter:>12d} {union:>12d} {iou:>7.4f} {pred_mass:>9.2%} {true_mass:>9.2%}")
+        rows.append(f"pixel accuracy: {self.pixel_accuracy():.4f}")
+        rows.append(f"mean IoU (labels present in the target): {self.mean_iou():.4f}")
+        return "\n".join(rows)
+
+    def as_dict(self, label_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """JSON-able summary; NaN becomes None."""
+        return {
+            "labels": self.label_names(label_names),
+            "matrix": self.matrix.tolist(),
+            "intersection": self.intersection().tolist(),
+            "union": self.union().tolist(),
+            "iou": _json_floats(self.iou().tolist()),
+            "predicted_mass": _json_floats(self.predicted_mass().tolist()),
+            "true_mass": _json_floats(self.true_mass().tolist()),
+            "pixel_accuracy": _json_float(self.pixel_accuracy()),
+            "mean_iou": _json_float(self.mean_iou()),
+        }
+
+
+def _json_float(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _json_floats(values: list[float]) -> list[float | None]:
+    return [_json_float(value) for value in values]
