@@ -1,0 +1,57 @@
+// Single-image kernels of the paper's post-processing (sections 5.2, 7.2, 7.3; Algorithms 2-4).
+// Every kernel works on one contiguous row-major image; ops.cpp batches them with at::parallel_for.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace unet_postprocess {
+
+// A pixel is boundary where any 4-neighbour inside the image has another label (the paper's
+// symmetric discrete gradient), so boundaries between two regions are two cells thick.
+template <typename label_t>
+void boundary_from_labels_image(const label_t* labels, int64_t height, int64_t width, bool* out);
+
+// Morphological closing: `iterations` 4-neighbour dilations, then as many erosions, computed as
+// if the image were surrounded by non-boundary pixels. Never removes a boundary pixel.
+void close_gaps_image(const bool* boundary, int64_t height, int64_t width, int64_t iterations, bool* out);
+
+// FLOOD + SEGMENT (Algorithms 2-3). Writes region ids 0.. in scan order of their first pixel and
+// -1 where a pixel belongs to no region of at least `min_size` pixels. Returns the region count.
+int32_t segment_image(const bool* boundary, int64_t height, int64_t width, int64_t min_size, int32_t* regions);
+
+// DUST_FILL (Algorithm 4). probs is [labels, height, width]; regions as written by segment_image.
+template <typename prob_t>
+void dust_fill_image(
+    const prob_t* probs,
+    const int32_t* regions,
+    int64_t num_labels,
+    int64_t height,
+    int64_t width,
+    const double* new_threshold,
+    double join_threshold,
+    double impatience,
+    int64_t* out);
+
+// Label of highest probability per pixel (the first one on ties). probs is [labels, height, width].
+template <typename prob_t>
+void argmax_image(const prob_t* probs, int64_t num_labels, int64_t pixels, int64_t* out);
+
+// boundary = boundary_prob >= threshold, rejecting NaN and infinite probabilities.
+template <typename prob_t>
+void threshold_image(const prob_t* boundary_prob, int64_t pixels, double threshold, bool* out);
+
+// Probabilities must be finite and non-negative; converts to double, the precision of all the
+// arithmetic of DUST_FILL (so the Python reference reproduces it bit for bit).
+template <typename prob_t>
+inline double checked_probability(prob_t value) {
+  const double v = static_cast<double>(value);
+  TORCH_CHECK_VALUE(
+      v >= 0.0 && v <= std::numeric_limits<double>::max(),
+      "probs: expected finite, non-negative probabilities, got ", v);
+  return v;
+}
+
+}  // namespace unet_postprocess
