@@ -125,7 +125,9 @@ def test_synthetic_rejects_bad_arguments():
     with pytest.raises(IndexError):
         data.SyntheticClothing(2)[2]
     with pytest.raises(ValueError, match="size"):
-        render_figure(np.random.default_rng(0), 4)
+        render_figure(np.random.default_rng(0), 0)
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.build_datasets("synthetic", val_fraction=-0.1)
 
 
 def test_augmented_synthetic_items_keep_the_contract():
@@ -236,3 +238,164 @@ def test_split_is_disjoint_complete_and_seeded():
         data.split_indices(5, "test", 0.2, 0)
     with pytest.raises(ValueError, match="val_fraction"):
         data.split_indices(5, "val", 1.0, 0)
+
+
+# ----------------------------------------------------------------------------- file loaders
+
+
+def save_pair(image_path, label_path, pixels, labels):
+    if image_path is not None:
+        Image.fromarray(pixels).save(image_path, quality=100)
+    Image.fromarray(labels.astype(np.uint8), mode="L").save(label_path)
+
+
+@pytest.fixture
+def deepfashion(tmp_path):
+    """Five good pairs of 36x48 images plus one of each problem case, in the release's layout."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "segm").mkdir()
+    rng = np.random.default_rng(0)
+    pairs = {}
+    for k in range(5):
+        pixels, labels = coded_pair(rng, 3, 4)
+        save_pair(tmp_path / f"images/good{k}.jpg", tmp_path / f"segm/good{k}_segm.png", pixels, labels)
+        pairs[f"good{k}"] = labels
+    pixels, labels = coded_pair(rng, 3, 4)
+    (tmp_path / "images/broken.jpg").write_bytes(b"this is not a jpeg")
+    save_pair(None, tmp_path / "segm/broken_segm.png", pixels, labels)
+    save_pair(tmp_path / "images/mismatch.jpg", tmp_path / "segm/mismatch_segm.png", pixels, labels[:, :24])
+    save_pair(None, tmp_path / "segm/orphan_segm.png", pixels, labels)
+    labels_out_of_range = labels.copy()
+    labels_out_of_range[5, 5] = 30
+    save_pair(tmp_path / "images/badid.jpg", tmp_path / "segm/badid_segm.png", pixels, labels_out_of_range)
+    Image.fromarray(pixels).save(tmp_path / "images/unlabelled.jpg")
+    return tmp_path, pairs
+
+
+def load_all(dataset):
+    return {item["name"]: item for item in (dataset[i] for i in range(len(dataset)))}
+
+
+def test_deepfashion_skips_bad_pairs_with_one_warning(deepfashion):
+    root, pairs = deepfashion
+    with pytest.warns(UserWarning, match=r"skipped 3 of 9 files") as caught:
+        dataset = data.DeepFashionMultiModal(root, image_size=48, split="all")
+    message = str(caught[0].message)
+    assert "broken: unreadable image" in message and "orphan: no image file" in message
+    assert "mismatch: size mismatch: image 48x36, labels 24x36" in message
+    assert sorted(name for name, _ in dataset.skipped) == ["broken", "mismatch", "orphan"]
+    assert sorted(name for name, _, _ in dataset.pairs) == sorted([*pairs, "badid"])
+
+
+def test_deepfashion_items_are_letterboxed_exactly(deepfashion):
+    root, pairs = deepfashion
+    with pytest.warns(UserWarning):
+        dataset = data.DeepFashionMultiModal(root, image_size=48, split="all")
+    good = [i for i, (name, _, _) in enumerate(dataset.pairs) if name in pairs]
+    for index in good:
+        item = dataset[index]
+        check_item(item, 48)
+        expected = np.zeros((48, 48), dtype=np.int64)
+        expected[6:42] = pairs[item["name"]]
+        np.testing.assert_array_equal(item["labels"].numpy(), expected)
+        keep = interior(expected)
+        np.testing.assert_array_equal(decode_colours(item["image"])[keep], expected[keep])
+
+
+def test_out_of_range_ids_are_an_error_naming_the_file(deepfashion):
+    root, _ = deepfashion
+    with pytest.warns(UserWarning):
+        dataset = data.DeepFashionMultiModal(root, image_size=48, split="all")
+    index = next(i for i, (name, _, _) in enumerate(dataset.pairs) if name == "badid")
+    with pytest.raises(ValueError, match=r"badid_segm\.png.*\[30\] out of range"):
+        dataset[index]
+    with pytest.warns(UserWarning, match="skipped 4 of 9") as caught:
+        checked = data.DeepFashionMultiModal(root, image_size=48, split="all", check_labels=True)
+    assert "badid" in str(caught[0].message)
+    assert "badid" not in {name for name, _, _ in checked.pairs}
+
+
+def test_deepfashion_split_is_disjoint_and_seeded(deepfashion):
+    root, _ = deepfashion
+    with pytest.warns(UserWarning):
+        splits = {s: data.DeepFashionMultiModal(root, 32, s, val_fraction=0.3, seed=1) for s in ("train", "val", "all")}
+        again = data.DeepFashionMultiModal(root, 32, "val", val_fraction=0.3, seed=1)
+    names = {s: {name for name, _, _ in d.pairs} | {name for name, _ in d.skipped} for s, d in splits.items()}
+    assert len(names["val"]) == 3 and not names["train"] & names["val"]
+    assert names["train"] | names["val"] == names["all"]
+    assert again.pairs == splits["val"].pairs
+
+
+def test_label_folder_maps_ids_by_name(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    ids = np.zeros((24, 24), dtype=np.int64)
+    ids[4:20, 2:12], ids[4:20, 12:22] = 1, 2
+    pixels = np.full((24, 24, 3), 128, dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "images/look.png")
+    palette = Image.fromarray(ids.astype(np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])
+    palette.save(tmp_path / "labels/look.png")
+    dataset = data.LabelFolder(tmp_path / "images", tmp_path / "labels", ["background", "dress", "wrist wearing"],
+                               image_size=24, split="all")
+    item = dataset[0]
+    check_item(item, 24)
+    expected = np.array([0, LABEL_INDEX["dress"], LABEL_INDEX["wrist wearing"]])[ids]
+    np.testing.assert_array_equal(item["labels"].numpy(), expected)
+    assert item["name"] == "look"
+    short = data.LabelFolder(tmp_path / "images", tmp_path / "labels", ["background", "dress"], 24, "all")
+    with pytest.raises(ValueError, match=r"look\.png.*\[2\] out of range, expected 0\.\.1"):
+        short[0]
+    with pytest.raises(ValueError, match="label_names.*'shirt'"):
+        data.LabelFolder(tmp_path / "images", tmp_path / "labels", ["background", "shirt"])
+    with pytest.raises(TypeError, match="label_names"):
+        data.LabelFolder(tmp_path / "images", tmp_path / "labels", "background")
+
+
+def test_build_datasets_recognises_each_layout(deepfashion, tmp_path_factory):
+    train, val = data.build_datasets("synthetic", image_size=32, seed=2, num_synthetic=20, val_fraction=0.25)
+    assert (len(train), len(val)) == (20, 5) and train.augment and not val.augment
+    assert not torch.equal(train[0]["labels"], val[0]["labels"])
+    root, _ = deepfashion
+    with pytest.warns(UserWarning):
+        train, val = data.build_datasets(str(root), image_size=32, val_fraction=0.3)
+    assert isinstance(train, data.DeepFashionMultiModal) and train.augment and not val.augment
+    folder = tmp_path_factory.mktemp("folder")
+    (folder / "images").mkdir()
+    (folder / "labels").mkdir()
+    pixels, labels = coded_pair(np.random.default_rng(1), 3, 3)
+    for k in range(4):
+        save_pair(folder / f"images/{k}.png", folder / f"labels/{k}.png", pixels, (labels > 0).astype(np.int64))
+    (folder / "label_names.txt").write_text("background\ntop\n")
+    train, val = data.build_datasets(str(folder), image_size=36, val_fraction=0.25, augment=False)
+    assert isinstance(train, data.LabelFolder) and (len(train), len(val)) == (3, 1)
+    assert set(train[0]["labels"].unique().tolist()) == {0, LABEL_INDEX["top"]}
+
+
+def test_build_datasets_rejects_bad_paths(tmp_path):
+    with pytest.raises(ValueError, match="data: .*does not exist"):
+        data.build_datasets(str(tmp_path / "nowhere"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="data: .*is not a directory"):
+        data.build_datasets(str(tmp_path / "file.txt"))
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match=r"data: .*neither images/ \+ segm/"):
+        data.build_datasets(str(tmp_path))
+    (tmp_path / "segm").mkdir()
+    with pytest.raises(ValueError, match="root: no '\\*_segm.png'"):
+        data.build_datasets(str(tmp_path))
+
+
+def test_load_image_reads_rgb_and_names_bad_files(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "ok.png")
+    Image.fromarray(pixels[:, :, 0]).save(tmp_path / "gray.png")
+    image = data.load_image(tmp_path / "ok.png")
+    assert image.dtype == torch.float32 and image.shape == (3, 5, 7)
+    np.testing.assert_array_equal((image * 255).round().byte().permute(1, 2, 0).numpy(), pixels)
+    assert data.load_image(tmp_path / "gray.png").shape == (3, 5, 7)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(ValueError, match=r"cannot read image '.*bad\.jpg'"):
+        data.load_image(tmp_path / "bad.jpg")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        data.load_image(tmp_path / "missing.png")

@@ -180,12 +180,16 @@ def pair_problem(image_path: Path, label_path: Path, check_labels: bool, lookup=
     return None
 
 
+def _check_fraction(val_fraction):
+    if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
+
+
 def split_indices(count: int, split: str, val_fraction: float, seed: int) -> list[int]:
     """Indices of `split` among `count` sorted items: a seeded permutation's first part is val."""
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
+    _check_fraction(val_fraction)
     if split == "all":
         return list(range(count))
     order = np.random.default_rng(seed).permutation(count)
@@ -329,6 +333,7 @@ def build_datasets(data: str = "synthetic", image_size: int = 128, seed: int = 0
     folder root holds `images/` and `labels/`, and optionally `label_names.txt` (one name per id).
     Validation data are never augmented.
     """
+    _check_fraction(val_fraction)
     if data == "synthetic":
         num_val = max(1, round(_check_size("num_synthetic", num_synthetic) * val_fraction))
         return (SyntheticClothing(num_synthetic, image_size, 2 * seed, augment),

@@ -508,8 +508,8 @@ def background_material(rng):
 
 def render_figure(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One random clothed figure: an RGB image (size, size, 3) uint8 and its labels (size, size) int64."""
-    if not isinstance(size, (int, np.integer)) or size < 8:
-        raise ValueError(f"size: expected an int >= 8, got {size!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size: expected a positive int, got {size!r}")
     canvas = Canvas(int(size))
     canvas.add(background_material(rng))
     close_up = rng.random() < 0.3
