@@ -1,7 +1,7 @@
 """Evaluate a checkpoint the way the paper does: per-label intersection, union, IoU and mass.
 
     python -m unet.evaluate --checkpoint runs/tiny/best.pt
-    python -m unet.evaluate --checkpoint runs/small/best.pt --data deepfashion:/data/DeepFashion-MultiModal --output eval/
+    python -m unet.evaluate --checkpoint runs/small/best.pt --data /data/DeepFashion-MultiModal --output eval/
 
 Both label maps are scored side by side: the plain ``argmax`` of the label probabilities and the
 paper's post-processing (``dust_fill``: boundary segmentation, per-region vote, DUST_FILL). The

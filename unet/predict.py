@@ -85,7 +85,9 @@ def label_map(method: str, probs: torch.Tensor, boundary: torch.Tensor, *, retur
     labels = postprocess.argmax_labels(probs)
     if not return_regions:
         return labels
-    regions = torch.stack([torch.as_tensor(postprocess.segment(b[0])[0]) for b in boundary])
+    # The same boundary segmentation `postprocess` does, without the label vote.
+    closed = postprocess.close_gaps(boundary[:, 0] >= postprocess.BOUNDARY_THRESHOLD)
+    regions, _ = postprocess.segment(closed)
     return labels, regions
 
 

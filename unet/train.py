@@ -1,7 +1,7 @@
 """Train the attention UNet.
 
     python -m unet.train                                  # tiny preset, built-in data, CPU, a few minutes
-    python -m unet.train --preset small --data deepfashion:/data/DeepFashion-MultiModal --amp bf16
+    python -m unet.train --preset small --data /data/DeepFashion-MultiModal --amp bf16
     torchrun --nproc_per_node 8 -m unet.train --preset paper --batch-size 4 --resume auto
 
 One plain loop: AdamW (no weight decay on norms, biases and other 1-d parameters), linear warmup
@@ -278,7 +278,7 @@ def _build(args: argparse.Namespace, checkpoint: dict | None, info: distributed.
     )
     train_loader = torch.utils.data.DataLoader(
         train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        worker_init_fn=_seed_worker, persistent_workers=False, drop_last=False,
+        worker_init_fn=_seed_worker, generator=torch.Generator(),
     )
     # Evaluation counts every image once: a plain shard per process, no padding.
     val_shard = torch.utils.data.Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
@@ -349,7 +349,7 @@ def _train(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
         save_checkpoint(state, output / name)
 
     def evaluate_and_log(epoch_now: int) -> float:
-        matrix = confusion_matrices(forward_model, val_loader, info.device, amp=args.amp,
+        matrix = confusion_matrices(model, val_loader, info.device, amp=args.amp,
                                     channels_last=args.channels_last, progress=info.is_main)["argmax"]
         if info.enabled:
             matrix.all_reduce()
@@ -368,8 +368,12 @@ def _train(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
     with StopSignal() as stop:
         model.train()
         while epoch < args.epochs:
+            epoch_seed = args.seed * 7919 + epoch * 104729 + info.rank
             if step_in_epoch == 0:  # each epoch's random streams depend on (seed, epoch, rank) only
-                seed_everything(args.seed * 7919 + epoch * 104729 + info.rank)
+                seed_everything(epoch_seed)
+            # Worker seeds come from the loader's own generator, so starting an iterator leaves the
+            # global stream (augmentation with --workers 0) as a mid-epoch checkpoint saved it.
+            train_loader.generator.manual_seed(epoch_seed)
             train_loader.sampler.set_epoch(epoch, start=step_in_epoch * args.accum_steps * args.batch_size)
             num_batches = len(train_loader)
             bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -380,20 +384,17 @@ def _train(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
                 group_start = batch_index - batch_index % args.accum_steps
                 group_size = min(args.accum_steps, num_batches - group_start)
                 last_in_group = batch_index == group_start + group_size - 1
-                batch = next(batches)
-                images = batch["image"].to(info.device, non_blocking=True)
-                if args.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                labels = batch["labels"].to(info.device, non_blocking=True)
-                boundary = batch["boundary"].to(info.device, non_blocking=True)
-                sync = last_in_group or not info.enabled
-                with (forward_model.no_sync() if not sync else contextlib.nullcontext()), amp_context():
-                    output_ = forward_model(images)
-                    loss, parts = criterion(output_, labels, boundary)
-                if not distributed.all_true(bool(torch.isfinite(loss)), info):
-                    raise NonFiniteLossError(_non_finite_message(loss, parts, epoch, result.global_step, output))
-                with forward_model.no_sync() if not sync else contextlib.nullcontext():
+                images, labels, boundary = _to_device(next(batches), info.device, args.channels_last)
+                accumulate = info.enabled and not last_in_group  # DDP all-reduces only on a group's last batch
+                with forward_model.no_sync() if accumulate else contextlib.nullcontext():
+                    with amp_context():
+                        loss, parts = criterion(forward_model(images), labels, boundary)
+                    if not distributed.all_true(bool(torch.isfinite(loss)), info):
+                        raise NonFiniteLossError(_non_finite_message(loss, parts, epoch, result.global_step, output))
                     scaler.scale(loss / group_size).backward()
+                if batch_index == group_start:
+                    group_loss = 0.0
+                group_loss += float(loss.detach()) / group_size
                 if not last_in_group:
                     continue
                 if args.clip_grad > 0:
@@ -405,15 +406,14 @@ def _train(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
                 scheduler.step()
                 result.global_step += 1
                 step_in_epoch += 1
-                loss_value = float(loss)
-                result.losses.append(loss_value)
+                result.losses.append(group_loss)
                 bar.update(1)
                 if info.is_main:
                     lr = optimizer.param_groups[0]["lr"]
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-                    log["train"].write({"step": result.global_step, "epoch": epoch, "lr": lr, "loss": loss_value})
+                    bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    log["train"].write({"step": result.global_step, "epoch": epoch, "lr": lr, "loss": group_loss})
                     if log["tb"] is not None:
-                        log["tb"].add_scalar("train/loss", loss_value, result.global_step)
+                        log["tb"].add_scalar("train/loss", group_loss, result.global_step)
                         log["tb"].add_scalar("train/lr", lr, result.global_step)
                         for name, value in parts.items():
                             log["tb"].add_scalar(f"train/{name}", float(value), result.global_step)
@@ -446,11 +446,18 @@ def _train(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
     return result
 
 
+def _to_device(batch: dict, device: torch.device, channels_last: bool):
+    images = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch["labels"].to(device, non_blocking=True), batch["boundary"].to(device, non_blocking=True)
+
+
 def _non_finite_message(loss, parts, epoch, step, output: Path) -> str:
     details = ", ".join(f"{name}={float(value):.4g}" for name, value in parts.items())
     last = output / LAST_NAME
     kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
-    return (f"non-finite loss {float(loss)} at epoch {epoch + 1}, after step {step} ({details}); stopping, "
+    return (f"non-finite loss {float(loss.detach())} at epoch {epoch + 1}, after step {step} ({details}); stopping, "
             f"{kept} (not overwritten). Try a lower --lr, --clip-grad, or --amp none.")
 
 

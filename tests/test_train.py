@@ -1,0 +1,279 @@
+"""unet.train: flags, optimizer groups, schedule, checkpoints, exact resume, stops, and DDP on gloo."""
+
+import math
+import os
+import shutil
+import signal
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from unet import train
+from unet.checkpoint import load_checkpoint, save_checkpoint
+from unet.distributed import EpochSampler
+from unet.losses import SegmentationLoss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads mostly wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_flags(output, *extra):
+    """A run of a few seconds: 12 training and 2 validation images of 32 px, 3 batches per epoch."""
+    return ["--num-images", "12", "--val-fraction", "0.17", "--image-size", "32", "--batch-size", "4",
+            "--workers", "0", "--epochs", "2", "--lr", "2e-3", "--warmup-steps", "2",
+            "--device", "cpu", "--output", str(output), *extra]
+
+
+def params(model):
+    return {name: p.detach().clone() for name, p in model.state_dict().items()}
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def run(flags):
+    return train.train(train.parse_args(flags))
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
+        (["--lr", "-1"], "argument --lr: expected a positive number, got -1"),
+        (["--lr", "nan"], "argument --lr: expected a positive number"),
+        (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
+        (["--weight-decay", "x"], "argument --weight-decay: expected a number >= 0, got 'x'"),
+        (["--local-attention-levels", "0,a"], "argument --local-attention-levels: expected a comma list"),
+        (["--val-fraction", "1.5"], "argument --val-fraction: expected a fraction in (0, 1)"),
+        (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    ],
+)
+def test_bad_flags_exit_with_a_message_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_flag_parsing_of_levels_and_default_output():
+    args = train.parse_args(["--local-attention-levels", "0,2", "--preset", "small"])
+    assert args.local_attention_levels == (0, 2)
+    assert args.output == os.path.join("runs", "small")
+    assert train.parse_args(["--local-attention-levels", "none"]).local_attention_levels == ()
+
+
+def test_missing_resume_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert train.main(tiny_flags(tmp_path, "--resume", str(tmp_path / "nope.pt"))) == 1
+    assert "--resume: no such checkpoint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_param_groups_decay_only_weight_tensors():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Linear(4, 2))
+    model.register_parameter("relative_position_bias_table", torch.nn.Parameter(torch.zeros(3, 5, 5)))
+    decay, no_decay = train.param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[2].weight)}
+    expected_free = [model[0].bias, model[1].weight, model[1].bias, model[2].bias, model.relative_position_bias_table]
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in expected_free}
+
+
+def test_warmup_cosine_schedule_shape():
+    warmup, total = 5, 25
+    factor = train.warmup_cosine(warmup, total)
+    warm = [factor(s) for s in range(warmup + 1)]
+    assert all(a < b for a, b in zip(warm, warm[1:])) and warm[0] > 0
+    assert factor(warmup) == pytest.approx(1.0)
+    assert factor(warmup + (total - warmup) // 2) == pytest.approx(0.5)
+    for step in range(warmup, total + 1):  # the closed form of a cosine anneal to 0
+        assert factor(step) == pytest.approx((1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2)
+    assert factor(total + 10) == pytest.approx(0.0)
+
+
+def test_epoch_sampler_shards_cover_every_index_and_resume_from_start():
+    shards = [EpochSampler(10, shuffle=True, seed=3, rank=r, world_size=3) for r in range(3)]
+    for shard in shards:
+        shard.set_epoch(1)
+    taken = [list(shard) for shard in shards]
+    assert [len(t) for t in taken] == [4, 4, 4]
+    assert set(sum(taken, [])) == set(range(10))
+    shards[0].set_epoch(1, start=3)
+    assert list(shards[0]) == taken[0][3:] and len(shards[0]) == 1
+    shards[0].set_epoch(2)
+    assert list(shards[0]) != taken[0]
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "model_config": {"step": 1}}, path)
+
+    def failing_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "model_config": {"step": 2}}, path)
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["model_config"] == {"step": 1} and torch.equal(state["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_load_checkpoint_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="lacks"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """Two epochs without interruption, every optimizer step's checkpoint kept aside."""
+    output = tmp_path_factory.mktemp("straight")
+    kept = tmp_path_factory.mktemp("kept")
+    original = train.save_checkpoint
+
+    def save_and_keep(state, path):
+        original(state, path)
+        if path.name == "last.pt":
+            shutil.copy(path, kept / f"step{state['global_step']}.pt")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "save_checkpoint", save_and_keep)
+        result = run(tiny_flags(output, "--checkpoint-every", "1"))
+    return result, output, kept
+
+
+def test_straight_run_writes_logs_and_checkpoints(straight_run):
+    result, output, _ = straight_run
+    assert result.exit_code == 0 and result.global_step == 6 and len(result.losses) == 6
+    assert all(math.isfinite(loss) for loss in result.losses)
+    state = load_checkpoint(output / "last.pt")
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (2, 0, 6)
+    assert state["model_config"]["image_size"] == 32 and state["data_config"]["num_synthetic"] == 12
+    assert_same_params(state["model"], params(result.model))
+    train_rows = (output / "train.csv").read_text().splitlines()
+    assert len(train_rows) == 1 + 6 and train_rows[0] == "step,epoch,lr,loss"
+    assert len((output / "eval.csv").read_text().splitlines()) == 1 + 2
+    assert (output / "best.pt").is_file() and any((output / "tb").iterdir())
+
+
+@pytest.mark.parametrize("resume_step", [3, 4])  # an epoch boundary, and mid-epoch
+def test_resume_continues_exactly(straight_run, resume_step, tmp_path):
+    result, _, kept = straight_run
+    shutil.copy(kept / f"step{resume_step}.pt", tmp_path / "last.pt")
+    resumed = run(tiny_flags(tmp_path, "--resume", "auto"))
+    assert resumed.global_step == 6
+    assert resumed.losses == result.losses[resume_step:]
+    assert_same_params(params(resumed.model), params(result.model))
+    rows = (tmp_path / "train.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(resume_step + 1, 7))
+
+
+def test_accumulation_matches_one_large_batch(tmp_path, monkeypatch):
+    """Two accumulated batches of 2 give the gradients and loss of one batch of 4 (same images, order)."""
+    first_grads = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        first_grads.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    common = ["--no-augment", "--epochs", "1", "--clip-grad", "0", "--eval-every", "0"]
+    big = run(tiny_flags(tmp_path / "big", *common))
+    accumulated = run(tiny_flags(tmp_path / "acc", *common, "--batch-size", "2", "--accum-steps", "2"))
+    assert accumulated.global_step == big.global_step == 3
+    assert accumulated.losses == pytest.approx(big.losses, rel=1e-5)
+    big_grads, accumulated_grads = first_grads[0], first_grads[3]
+    for a, b in zip(accumulated_grads, big_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def _loss_patched(monkeypatch, at_call, action):
+    """Make SegmentationLoss.forward run `action(loss)` on its `at_call`-th call."""
+    original = SegmentationLoss.forward
+    calls = []
+
+    def forward(self, *args):
+        loss, parts = original(self, *args)
+        calls.append(1)
+        return (action(loss), parts) if len(calls) == at_call else (loss, parts)
+
+    monkeypatch.setattr(SegmentationLoss, "forward", forward)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    _loss_patched(monkeypatch, 4, lambda loss: loss * float("nan"))
+    assert train.main(tiny_flags(tmp_path, "--checkpoint-every", "2")) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss nan at epoch 2, after step 3" in err and "last good checkpoint" in err
+    assert load_checkpoint(tmp_path / "last.pt")["global_step"] == 3  # the epoch-end save, not the broken step
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(straight_run, tmp_path, monkeypatch):
+    _loss_patched(monkeypatch, 2, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
+    stopped = run(tiny_flags(tmp_path, "--checkpoint-every", "100"))
+    assert stopped.exit_code == 128 + signal.SIGTERM and stopped.global_step == 2
+    assert load_checkpoint(tmp_path / "last.pt")["global_step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.undo()
+    resumed = run(tiny_flags(tmp_path, "--resume", "auto"))
+    assert_same_params(params(resumed.model), params(straight_run[0].model))
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, output, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = run(tiny_flags(output, "--epochs", "1"))
+    torch.save({"params": params(result.model), "matrix": result.metrics.matrix, "code": result.exit_code},
+               results / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_agree(tmp_path):
+    output, results = tmp_path / "run", tmp_path / "results"
+    results.mkdir()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), output, results), nprocs=2, join=True)
+    ranks = [torch.load(results / f"rank{r}.pt") for r in range(2)]
+    assert [r["code"] for r in ranks] == [0, 0]
+    assert_same_params(ranks[0]["params"], ranks[1]["params"])
+    assert torch.equal(ranks[0]["matrix"], ranks[1]["matrix"])
+    # the reduced matrix counts every validation pixel once: 2 images of 32x32
+    assert int(ranks[0]["matrix"].sum()) == 2 * 32 * 32
+    state = load_checkpoint(output / "last.pt")
+    assert_same_params(state["model"], ranks[0]["params"])
