@@ -17,20 +17,12 @@ import pytest
 import torch
 
 from unet.losses import SegmentationLoss
-from unet.model import build_model
+from unet.model import build_model, local_attention_available
 
 MIB = 2**20
 
 # preset -> (batch, CPU image size); CUDA runs use the preset's own image_size.
 CASES = {"tiny": (8, 128), "small": (4, 128), "paper": (1, 128)}
-
-
-def local_attention_available() -> bool:
-    try:
-        from localattn import LocalAttention2d  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def make_step(preset: str, local_attention: bool, device: str):

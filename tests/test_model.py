@@ -1,6 +1,7 @@
 """The attention UNet: shapes per preset, heads, blocks, switches, errors, and that it learns."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -15,15 +16,15 @@ from unet.blocks import (
 from unet.labels import NUM_LABELS, PALETTE
 from unet.losses import SegmentationLoss
 from unet.metrics import ConfusionMatrix
-from unet.model import PRESETS, AttentionUNet, SegmentationOutput, UNetConfig, build_model, to_probabilities
-
-
-def local_attention_available() -> bool:
-    try:
-        from localattn import LocalAttention2d  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from unet.model import (
+    PRESETS,
+    AttentionUNet,
+    SegmentationOutput,
+    UNetConfig,
+    build_model,
+    local_attention_available,
+    to_probabilities,
+)
 
 
 needs_localattn = pytest.mark.skipif(
@@ -167,10 +168,15 @@ def test_build_model_applies_overrides():
         assert model(torch.rand(1, 3, 12, 8)).label_logits.shape == (1, 5, 12, 8)
 
 
-def gradients(model, x):
-    model.zero_grad()
+def forward_backward(model, x):
     output = model(x)
     (output.label_logits.square().mean() + output.boundary_logits.mean()).backward()
+    return output
+
+
+def gradients(model, x):
+    model.zero_grad()
+    forward_backward(model, x)
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
@@ -199,16 +205,18 @@ def test_channels_last_gives_the_same_output():
     torch.testing.assert_close(got.boundary_logits, expected.boundary_logits, atol=1e-4, rtol=1e-4)
 
 
-def forward_backward(model, x):
-    output = model(x)
-    (output.label_logits.square().mean() + output.boundary_logits.mean()).backward()
-    return output
-
-
 def test_local_attention_off_builds_no_local_attention():
     model = build_model("tiny")
     assert all(block.local_attention is None for block in model.decoder)
     forward_backward(model, torch.rand(1, 3, 32, 32))
+
+
+def test_model_builds_and_runs_without_localattn_when_local_attention_is_off(monkeypatch):
+    monkeypatch.setitem(sys.modules, "localattn", None)  # makes `import localattn` fail
+    assert not local_attention_available()
+    forward_backward(build_model("tiny"), torch.rand(1, 3, 32, 32))
+    with pytest.raises(ImportError, match=r"local_attention_levels=\(1,\) needs localattn.LocalAttention2d"):
+        build_model("tiny", local_attention_levels=(1,))
 
 
 @needs_localattn

@@ -181,5 +181,8 @@ class LocalFeatureNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(variance + self.eps) * self.weight.view(1, -1, 1, 1)
+        # Statistics in float32: under autocast, half-precision logits would lose the small differences.
+        x32 = x.float()
+        variance, mean = torch.var_mean(x32, dim=1, unbiased=False, keepdim=True)
+        normalized = (x32 - mean) * torch.rsqrt(variance + self.eps) * self.weight.float().view(1, -1, 1, 1)
+        return normalized.to(x.dtype)
