@@ -1,19 +1,16 @@
 """unet.data and unet.synthetic: the built-in dataset, the file loaders, geometry and splits."""
 
-import sys
-import types
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from unet import data
-from unet.labels import LABEL_INDEX, LABELS, NUM_LABELS, PALETTE
+from unet.labels import LABEL_INDEX, LABELS, NUM_LABELS
 from unet.synthetic import render_figure
 
 
@@ -26,17 +23,6 @@ def reference_boundary(labels: np.ndarray) -> np.ndarray:
     boundary[:, 1:] |= horizontal
     boundary[:, :-1] |= horizontal
     return boundary
-
-
-@pytest.fixture(autouse=True)
-def boundary_op(monkeypatch):
-    """Until unet.postprocess lands, stand the reference in for boundary_from_labels."""
-    try:
-        import unet.postprocess  # noqa: F401
-    except ModuleNotFoundError:
-        stand_in = types.ModuleType("unet.postprocess")
-        stand_in.boundary_from_labels = lambda labels: torch.from_numpy(reference_boundary(labels.numpy()))
-        monkeypatch.setitem(sys.modules, "unet.postprocess", stand_in)
 
 
 def check_item(item, size):

@@ -45,7 +45,8 @@ _REPORTED_NAMES = 5
 
 
 def make_item(image: torch.Tensor, labels: torch.Tensor, name: str) -> dict:
-    # Imported here: unet.postprocess loads the compiled extension, which `import unet.data` need not.
+    # Imported on first use: unet.postprocess needs the compiled extension, and rendering or
+    # loading data without one (previews, data checks) should still work.
     from unet.postprocess import boundary_from_labels
 
     boundary = boundary_from_labels(labels).to(torch.float32)[None]
