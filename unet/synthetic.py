@@ -357,41 +357,54 @@ def draw_legwear(canvas, body, rng, label, material, length, ease, flare=0.0):
         limb_cover(canvas, leg(body, k), radii, length, ease, label, material)
 
 
+def new_garment(canvas, rng) -> int:
+    return canvas.add(garment_material(rng))
+
+
+def draw_bottom(canvas, body, rng, style, hem, flare):
+    """Pants, leggings or a skirt; returns its material."""
+    look = new_garment(canvas, rng)
+    if style == "pants":
+        length = rng.uniform(0.3, 0.7) if rng.random() < 0.3 else rng.uniform(1.6, 2.1)
+        draw_legwear(canvas, body, rng, _L["pants"], look, length, rng.uniform(0.006, 0.025), rng.uniform(0, 0.03))
+    elif style == "leggings":
+        draw_legwear(canvas, body, rng, _L["leggings"], look, rng.uniform(1.5, 2.1), 0.002)
+    else:
+        side = _panel_side(body, rng.uniform(0.33, 0.42), hem, rng.uniform(0.004, 0.015), flare)
+        canvas.polygon(np.concatenate([side, _mirror(side)]), _L["skirt"], look)
+    return look
+
+
+def draw_one_piece(canvas, body, rng, style, hem, flare, sleeve, ease):
+    """A dress, a romper (dress-like, with a notch between the legs) or a long jumpsuit (rompers)."""
+    look, label = new_garment(canvas, rng), _L["dress" if style == "dress" else "rompers"]
+    if style == "dress":
+        torso_garment(canvas, body, rng, hem, label, look, ease, flare)
+    elif style == "rompers":
+        romper_panel(canvas, body, rng, rng.uniform(0.56, 0.68), look, ease, flare)
+    else:
+        torso_garment(canvas, body, rng, 0.5, label, look, ease)
+        draw_legwear(canvas, body, rng, label, look, rng.uniform(1.6, 2.1), rng.uniform(0.006, 0.02))
+    draw_sleeves(canvas, body, rng, label, look, sleeve, ease)
+
+
 def draw_outfit(canvas, body, rng):
-    """Garments, bottom layers first. Returns the waist height a belt would sit at."""
+    """Garments, inner layers first; a quarter of separates are co-ord sets that share one look."""
     sleeve, ease = rng.choice([0.0, rng.uniform(0.3, 0.8), rng.uniform(1.4, 2.05)]), rng.uniform(0.002, 0.02)
     style = rng.choice(["pants", "leggings", "skirt", "dress", "rompers", "jumpsuit"], p=[0.22, 0.1, 0.2, 0.26, 0.12, 0.1])
-    new = lambda: canvas.add(garment_material(rng))  # noqa: E731 - one fresh garment look per call
+    hem, flare = rng.uniform(0.56, 0.95), rng.uniform(0.0, 0.6)
     if style in ("skirt", "dress") and rng.random() < 0.25:
-        draw_legwear(canvas, body, rng, _L["leggings"], new(), rng.uniform(1.5, 2.1), 0.002)
-    hem = rng.uniform(0.56, 0.95)
-    flare = rng.uniform(0.0, 0.6)
-    if style == "pants":
-        short = rng.random() < 0.3
-        length = rng.uniform(0.3, 0.7) if short else rng.uniform(1.6, 2.1)
-        draw_legwear(canvas, body, rng, _L["pants"], new(), length, rng.uniform(0.006, 0.025), rng.uniform(0, 0.03))
-    elif style == "leggings":
-        draw_legwear(canvas, body, rng, _L["leggings"], new(), rng.uniform(1.5, 2.1), 0.002)
-    elif style == "skirt":
-        waist = rng.uniform(0.33, 0.42)
-        side = _panel_side(body, waist, hem, rng.uniform(0.004, 0.015), flare)
-        canvas.polygon(np.concatenate([side, _mirror(side)]), _L["skirt"], new())
+        draw_legwear(canvas, body, rng, _L["leggings"], new_garment(canvas, rng), rng.uniform(1.5, 2.1), 0.002)
     if style in ("dress", "rompers", "jumpsuit"):
-        one_piece, label = new(), _L["dress" if style == "dress" else "rompers"]
-        if style == "dress":
-            torso_garment(canvas, body, rng, hem, label, one_piece, ease, flare)
-        elif style == "rompers":
-            romper_panel(canvas, body, rng, rng.uniform(0.56, 0.68), one_piece, ease, flare)
-        else:
-            torso_garment(canvas, body, rng, 0.5, label, one_piece, ease)
-            draw_legwear(canvas, body, rng, label, one_piece, rng.uniform(1.6, 2.1), rng.uniform(0.006, 0.02))
-        draw_sleeves(canvas, body, rng, label, one_piece, sleeve, ease)
+        draw_one_piece(canvas, body, rng, style, hem, flare, sleeve, ease)
     else:
-        top = new()
+        bottom = draw_bottom(canvas, body, rng, style, hem, flare)
+        # A copy, not the same index: the seam where the two garments meet stays visible.
+        top = canvas.add(canvas.materials[bottom]) if rng.random() < 0.25 else new_garment(canvas, rng)
         torso_garment(canvas, body, rng, rng.uniform(0.33, 0.56), _L["top"], top, ease, rng.uniform(0, 0.15))
         draw_sleeves(canvas, body, rng, _L["top"], top, sleeve, ease)
     if rng.random() < 0.3:
-        outer = new()
+        outer = new_garment(canvas, rng)
         torso_garment(canvas, body, rng, rng.uniform(0.48, 0.9), _L["outer"], outer,
                       ease + rng.uniform(0.008, 0.02), rng.uniform(0, 0.2), gap=rng.uniform(0.005, 0.04))
         draw_sleeves(canvas, body, rng, _L["outer"], outer, rng.uniform(1.5, 2.05), ease + 0.008)
@@ -399,14 +412,14 @@ def draw_outfit(canvas, body, rng):
 
 def draw_socks(canvas, body, rng):
     if rng.random() < 0.2:
-        socks, start = canvas.add(garment_material(rng)), rng.uniform(1.55, 1.85)
+        socks, start = new_garment(canvas, rng), rng.uniform(1.55, 1.85)
         for k in (-1, 1):
             limb_cover(canvas, leg(body, k), body.leg_radii(), 2.0, 0.003, _L["socks"], socks, start=start)
 
 
 def draw_footwear(canvas, body, rng):
     if rng.random() < 0.85:
-        shoes, boot = canvas.add(garment_material(rng)), rng.random() < 0.25
+        shoes, boot = new_garment(canvas, rng), rng.random() < 0.25
         for k in (-1, 1):
             canvas.ellipse(body.ankle[k] + [k * 0.008, 0.022], 0.026, 0.018, _L["footwear"], shoes)
             if boot:
@@ -414,7 +427,7 @@ def draw_footwear(canvas, body, rng):
 
 
 def draw_hands(canvas, body, rng):
-    gloves = canvas.add(garment_material(rng)) if rng.random() < 0.08 else None
+    gloves = new_garment(canvas, rng) if rng.random() < 0.08 else None
     for k in (-1, 1):
         if gloves is not None:
             limb_cover(canvas, arm(body, k), body.arm_radii(), 2.0, 0.003, _L["gloves"], gloves, start=1.75)
@@ -435,9 +448,9 @@ def draw_torso_items(canvas, body, rng):
         canvas.polygon([[-0.012, y - half - 0.003], [0.012, y - half - 0.003], [0.012, y + half + 0.003], [-0.012, y + half + 0.003]],
                        _L["belt"], canvas.add(metal_material(rng)))
     if rng.random() < 0.07:
-        canvas.polygon([[-0.008, 0.17], [0.008, 0.17], [0.016, 0.33], [0, 0.36], [-0.016, 0.33]], _L["tie"], canvas.add(garment_material(rng)))
+        canvas.polygon([[-0.008, 0.17], [0.008, 0.17], [0.016, 0.33], [0, 0.36], [-0.016, 0.33]], _L["tie"], new_garment(canvas, rng))
     if rng.random() < 0.12:
-        scarf = canvas.add(garment_material(rng))
+        scarf = new_garment(canvas, rng)
         canvas.capsule((-0.03, 0.165), (0.03, 0.165), 0.02, 0.02, _L["neckwear"], scarf)
         k = rng.choice([-1, 1])
         canvas.capsule((k * 0.02, 0.17), (k * 0.03, rng.uniform(0.26, 0.42)), 0.02, 0.016, _L["neckwear"], scarf)
@@ -453,7 +466,7 @@ def draw_torso_items(canvas, body, rng):
 
 
 def draw_bag(canvas, body, rng):
-    bag, k = canvas.add(garment_material(rng)), rng.choice([-1, 1])
+    bag, k = new_garment(canvas, rng), rng.choice([-1, 1])
     width, height = rng.uniform(0.05, 0.12), rng.uniform(0.045, 0.1)
     if rng.random() < 0.5:
         centre = np.array([k * body.half_width(0.46, 0.03), rng.uniform(0.42, 0.55)])
@@ -478,7 +491,7 @@ def draw_head(canvas, rng, skin, hair):
             canvas.capsule((k * 0.045, 0.05), (k * rng.uniform(0.045, 0.065), rng.uniform(0.18, 0.36)), 0.014, rng.uniform(0.012, 0.024), _L["hair"], hair)
     canvas.ellipse((0, rng.uniform(0.035, 0.045)), 0.047, rng.uniform(0.03, 0.042), _L["hair"], hair)
     if rng.random() < 0.15:
-        hat = canvas.add(garment_material(rng))
+        hat = new_garment(canvas, rng)
         canvas.ellipse((0, 0.02), 0.046, 0.03, _L["headwear"], hat)
         if rng.random() < 0.6:
             canvas.ellipse((0, 0.035), rng.uniform(0.06, 0.1), 0.008, _L["headwear"], hat)
