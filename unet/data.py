@@ -58,6 +58,8 @@ def make_item(image: torch.Tensor, labels: torch.Tensor, name: str) -> dict:
 
 def resize_labels(labels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Nearest-neighbour resize sampling each output pixel's centre, so ids are copied exactly."""
+    if labels.shape == (height, width):
+        return labels
     # Integer arithmetic: source index floor((i + 1/2) * in / out), exact even on ties.
     rows = (2 * torch.arange(height) + 1) * labels.shape[0] // (2 * height)
     cols = (2 * torch.arange(width) + 1) * labels.shape[1] // (2 * width)
