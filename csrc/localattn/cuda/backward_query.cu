@@ -1,0 +1,152 @@
+// Query-centric backward kernel: for a tile of queries, recomputes p = exp(s - lse), then
+//   delta_i = <dO_i, O_i>, dS_ij = p_ij (<dO_i, v_j> - delta_i), dq_i = scale * sum_j dS_ij k_j,
+// reduces dS per bias-table offset in shared memory (one global atomic per entry and block), and
+// writes delta for the key-centric kernel (backward_key.cu), which runs after it.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "local_attention_cuda.cuh"
+
+namespace localattn::cuda {
+namespace {
+
+template <typename T, typename acc_t>
+struct QueryShared {
+  T *key, *value;        // halo rows
+  T *query, *grad_out;   // tile rows
+  acc_t* score;          // [tile pixels][window]: scores, then dS
+  acc_t *bias, *grad_bias;
+  acc_t *lse, *delta;    // per tile pixel
+  int64_t bytes;
+
+  C10_HOST_DEVICE QueryShared(unsigned char* base, const Geometry& g) {
+    SharedCarver carve(base);
+    key = carve.take<T>(static_cast<int64_t>(g.halo_pixels()) * g.row);
+    value = carve.take<T>(static_cast<int64_t>(g.halo_pixels()) * g.row);
+    query = carve.take<T>(static_cast<int64_t>(g.tile_pixels()) * g.row);
+    grad_out = carve.take<T>(static_cast<int64_t>(g.tile_pixels()) * g.row);
+    score = carve.take<acc_t>(static_cast<int64_t>(g.tile_pixels()) * g.score_stride());
+    bias = carve.take<acc_t>(g.table_size());
+    grad_bias = carve.take<acc_t>(g.table_size());
+    lse = carve.take<acc_t>(g.tile_pixels());
+    delta = carve.take<acc_t>(g.tile_pixels());
+    bytes = carve.bytes();
+  }
+};
+
+// Per tile pixel: lse from global memory, and delta = <dO, O> with dO from shared memory and O
+// read once from global memory; delta also goes to global memory. Pixels outside the image get
+// zeros (their probabilities are zero anyway).
+template <typename T, typename acc_t>
+__device__ void stage_row_statistics(const Geometry& g, const TilePosition& t,
+                                     const T* __restrict__ out, const acc_t* __restrict__ lse,
+                                     const T* grad_out_rows, acc_t* lse_rows, acc_t* delta_rows,
+                                     acc_t* __restrict__ delta) {
+  for (int i = threadIdx.x; i < g.tile_pixels(); i += blockDim.x) {
+    const Pixel px = tile_pixel(g, t, i);
+    if (!in_image(g, px)) {
+      lse_rows[i] = acc_t(0);
+      delta_rows[i] = acc_t(0);
+      continue;
+    }
+    const int64_t index = row_index(g, t.n, px, t.h);
+    const T* o = out + index * g.dim;
+    const T* d_o = grad_out_rows + static_cast<int64_t>(i) * g.row;
+    acc_t sum = 0;
+    for (int d = 0; d < g.dim; ++d) sum += static_cast<acc_t>(o[d]) * static_cast<acc_t>(d_o[d]);
+    lse_rows[i] = lse[index];
+    delta_rows[i] = sum;
+    delta[index] = sum;
+  }
+}
+
+template <typename T, int B>
+__global__ void __launch_bounds__(kThreads) backward_query_kernel(
+    const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
+    const T* __restrict__ v, const at::opmath_type<T>* __restrict__ bias,
+    const T* __restrict__ out, const at::opmath_type<T>* __restrict__ lse,
+    at::opmath_type<T> scale, Geometry g, T* __restrict__ grad_q,
+    at::opmath_type<T>* __restrict__ delta, at::opmath_type<T>* __restrict__ grad_bias) {
+  using acc_t = at::opmath_type<T>;
+  extern __shared__ __align__(16) unsigned char shared[];
+  const QueryShared<T, acc_t> s(shared, g);
+  const TilePosition t = tile_position(g);
+  const auto tile_of = [&](int i) { return tile_pixel(g, t, i); };
+  const auto halo_of = [&](int i) { return halo_pixel(g, t, i); };
+
+  stage_rows(g, q, t.n, t.h, g.tile_pixels(), tile_of, s.query);
+  stage_rows(g, grad_out, t.n, t.h, g.tile_pixels(), tile_of, s.grad_out);
+  stage_rows(g, k, t.n, t.h, g.halo_pixels(), halo_of, s.key);
+  stage_rows(g, v, t.n, t.h, g.halo_pixels(), halo_of, s.value);
+  stage_bias(g, bias, t.h, s.bias);
+  for (int i = threadIdx.x; i < g.table_size(); i += blockDim.x) s.grad_bias[i] = acc_t(0);
+  __syncthreads();
+
+  stage_row_statistics(g, t, out, lse, s.grad_out, s.lse, s.delta, delta);
+  for_each_pair<B>(g, t, s.query, s.key, [&](const Pair& p, acc_t dot) {
+    const int offset = bias_index(g, p.halo_px.y - p.tile_px.y, p.halo_px.x - p.tile_px.x);
+    s.score[p.score] = p.visible ? scale * dot + s.bias[offset] : acc_t(0);
+  });
+  __syncthreads();
+
+  // Same pairs, same threads: each entry is read and rewritten by the thread that wrote it.
+  for_each_pair<B>(g, t, s.grad_out, s.value, [&](const Pair& p, acc_t dot) {
+    if (!p.visible) return;
+    const acc_t prob = exp_acc(s.score[p.score] - s.lse[p.tile]);
+    const acc_t grad_score = prob * (dot - s.delta[p.tile]);
+    s.score[p.score] = grad_score;
+    atomicAdd(&s.grad_bias[bias_index(g, p.halo_px.y - p.tile_px.y, p.halo_px.x - p.tile_px.x)],
+              grad_score);
+  });
+  __syncthreads();
+
+  for_each_weighted_chunk<B>(g, s.score, s.key,
+                             [&](int tile, int chunk, const acc_t(&sums)[kChunk]) {
+                               const Pixel px = tile_pixel(g, t, tile);
+                               if (!in_image(g, px)) return;
+                               acc_t scaled[kChunk];
+#pragma unroll
+                               for (int e = 0; e < kChunk; ++e) scaled[e] = scale * sums[e];
+                               store_chunk(g, grad_q, t.n, px, t.h, chunk, scaled);
+                             });
+
+  for (int i = threadIdx.x; i < g.table_size(); i += blockDim.x) {
+    if (s.grad_bias[i] != acc_t(0)) atomicAdd(&grad_bias[t.h * g.table_size() + i], s.grad_bias[i]);
+  }
+}
+
+template <typename T, int B>
+void backward_query_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const at::Tensor& bias, const at::Tensor& out,
+                          const at::Tensor& lse, double scale, Geometry g, at::Tensor& grad_q,
+                          at::Tensor& delta, at::Tensor& grad_bias) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t bytes =
+      set_tiling(g, [](const Geometry& trial) { return QueryShared<T, acc_t>(nullptr, trial).bytes; });
+  const auto kernel = backward_query_kernel<T, B>;
+  allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes);
+  kernel<<<launch_grid(g, q.size(0)), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      grad_out.data_ptr<T>(), q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
+      bias.data_ptr<acc_t>(), out.data_ptr<T>(), lse.data_ptr<acc_t>(), static_cast<acc_t>(scale),
+      g, grad_q.data_ptr<T>(), delta.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_backward_query(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& bias, const at::Tensor& out,
+                           const at::Tensor& lse, int64_t block_size, double scale,
+                           bool symmetric, at::Tensor& grad_q, at::Tensor& delta,
+                           at::Tensor& grad_bias) {
+  const Geometry g = make_geometry(q, block_size, symmetric, {&grad_out, &q, &k, &v, &grad_q});
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention2d_backward_query_cuda", [&] {
+        with_block_size(block_size, [&](auto b) {
+          backward_query_typed<scalar_t, decltype(b)::value>(grad_out, q, k, v, bias, out, lse,
+                                                             scale, g, grad_q, delta, grad_bias);
+        });
+      });
+}
+
+}  // namespace localattn::cuda

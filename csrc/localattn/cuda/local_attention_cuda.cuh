@@ -1,0 +1,398 @@
+// Shared pieces of the CUDA kernels of localattn::local_attention2d_forward / _backward
+// (contract in shared/design/local-attention.md, schemas in ../local_attention.cpp).
+//
+// Work decomposition. A thread block owns one (batch item, head) and a square tile of TB x TB
+// pixel blocks of b x b pixels. All b*b pixels of a block see the same 3b x 3b window of pixels
+// (the block and its 8 neighbours), so the windows of the whole tile lie in a "halo" square of
+// (TB+2) x (TB+2) blocks around it. Each kernel stages the tile rows and the halo rows of one
+// head in shared memory once, then works from there:
+//   * query-centric (forward, backward for dq): the tile holds queries, the halo keys/values;
+//   * key-centric (backward for dk, dv): the tile holds keys/values, the halo the queries that
+//     see them. The visibility relation is symmetric in block terms (|dY| <= 1, |dX| <= 1) and
+//     the symmetric mask (|dy| <= b, |dx| <= b) too, so a key's queries are exactly the pixels
+//     of the 3x3 blocks around the key's block: dk and dv are written once, without atomics.
+// The score matrix of the tile ([tile pixels] x [9b^2 window pixels]) lives in shared memory.
+//
+// Inner loops are register-tiled on b: one thread takes a row of b pixels of a block (they share
+// the window) against a run of b consecutive window pixels (scores), or against one 8-element
+// chunk of the head dimension (weighted sums). Rows are stored in shared memory in the input
+// dtype, padded to a multiple of 8 elements (zeros) plus 16 bytes, so that any head size works,
+// every chunk is one or more aligned 16-byte accesses, and rows of neighbouring pixels start in
+// different banks. Arithmetic is in at::opmath_type (float; double for double inputs).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <type_traits>
+
+namespace localattn::cuda {
+
+constexpr int kThreads = 256;     // threads per block of every kernel
+constexpr int kChunk = 8;         // head-dimension elements per register chunk
+constexpr int kSoftmaxLanes = 4;  // lanes that share one score row in the forward softmax
+
+template <typename T>
+struct alignas(16) Chunk {
+  T v[kChunk];
+};
+
+// Sizes of one call and of its tiling; built on the host, passed by value.
+struct Geometry {
+  int height, width, heads, dim;
+  int block;        // b
+  int chunks;       // ceil(dim / 8)
+  int row;          // shared-memory row stride in elements: 8 * chunks + 16 / sizeof(T)
+  int tile_blocks;  // TB: the tile is TB x TB blocks
+  int tiles_x;      // tiles per tile row
+  int tiles;        // tiles per image
+  bool symmetric;
+  bool vectorized;  // dim % 8 == 0 and all global pointers 16-byte aligned
+
+  C10_HOST_DEVICE int tile_side() const { return tile_blocks * block; }
+  C10_HOST_DEVICE int halo_side() const { return (tile_blocks + 2) * block; }
+  C10_HOST_DEVICE int tile_pixels() const { return tile_side() * tile_side(); }
+  C10_HOST_DEVICE int halo_pixels() const { return halo_side() * halo_side(); }
+  C10_HOST_DEVICE int window() const { return 9 * block * block; }
+  // Score-row stride: odd, so that threads walking different rows hit different banks.
+  C10_HOST_DEVICE int score_stride() const { return window() | 1; }
+  C10_HOST_DEVICE int table() const { return 4 * block - 1; }
+  C10_HOST_DEVICE int table_size() const { return table() * table(); }
+};
+
+// Bump allocator over dynamic shared memory. On the host (base = nullptr) it only adds up sizes,
+// so that the launcher and the kernel compute the layout with the same code.
+class SharedCarver {
+ public:
+  C10_HOST_DEVICE explicit SharedCarver(unsigned char* base) : base_(base) {}
+  template <typename U>
+  C10_HOST_DEVICE U* take(int64_t count) {
+    U* region = reinterpret_cast<U*>(base_ + offset_);
+    offset_ += (count * static_cast<int64_t>(sizeof(U)) + 15) / 16 * 16;
+    return region;
+  }
+  C10_HOST_DEVICE int64_t bytes() const { return offset_; }
+
+ private:
+  unsigned char* base_;
+  int64_t offset_ = 0;
+};
+
+// Where one thread block works: batch item, head, and the first block row/column of its tile.
+struct TilePosition {
+  int n, h, block_y0, block_x0;
+};
+
+__device__ inline TilePosition tile_position(const Geometry& g) {
+  const int tile = blockIdx.x / g.heads;
+  return {static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.x % g.heads),
+          (tile / g.tiles_x) * g.tile_blocks, (tile % g.tiles_x) * g.tile_blocks};
+}
+
+struct Pixel {
+  int y, x;
+};
+
+// Tile pixels are numbered block-major: block (by, bx) of the tile, then row r, column c inside
+// it, so the b pixels of one block row are consecutive.
+__device__ inline Pixel tile_pixel(const Geometry& g, const TilePosition& t, int index) {
+  const int b = g.block;
+  const int blk = index / (b * b), within = index % (b * b);
+  return {(t.block_y0 + blk / g.tile_blocks) * b + within / b,
+          (t.block_x0 + blk % g.tile_blocks) * b + within % b};
+}
+
+// Halo pixels are numbered row-major over the (TB+2)b square that starts one block up-left.
+__device__ inline Pixel halo_pixel(const Geometry& g, const TilePosition& t, int index) {
+  const int side = g.halo_side();
+  return {(t.block_y0 - 1) * g.block + index / side, (t.block_x0 - 1) * g.block + index % side};
+}
+
+__device__ inline bool in_image(const Geometry& g, Pixel p) {
+  return p.y >= 0 && p.y < g.height && p.x >= 0 && p.x < g.width;
+}
+
+// Index of (n, y, x, h) in a [B, H, W, heads] tensor (lse, delta); times dim for q/k/v/out.
+__device__ inline int64_t row_index(const Geometry& g, int n, Pixel p, int h) {
+  return ((static_cast<int64_t>(n) * g.height + p.y) * g.width + p.x) * g.heads + h;
+}
+
+// Whether a key sits at (dy, dx) = key - query from its query in a visible way (both pixels in
+// the image is checked by the caller), and the index of that offset in the bias table.
+__device__ inline bool symmetric_ok(const Geometry& g, int dy, int dx) {
+  return !g.symmetric || (abs(dy) <= g.block && abs(dx) <= g.block);
+}
+__device__ inline int bias_index(const Geometry& g, int dy, int dx) {
+  return (dy + 2 * g.block - 1) * g.table() + dx + 2 * g.block - 1;
+}
+
+template <typename acc_t>
+__device__ inline acc_t negative_infinity() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+__device__ inline float exp_acc(float x) { return expf(x); }
+__device__ inline double exp_acc(double x) { return exp(x); }
+__device__ inline float log_acc(float x) { return logf(x); }
+__device__ inline double log_acc(double x) { return log(x); }
+
+// Copies the head-h rows of `count` pixels from global memory into shared rows of stride g.row,
+// zero-filling pixels outside the image and the padding of the head dimension (zeros keep padded
+// lanes out of dot products, and 0 * garbage could be NaN).
+template <typename T, typename PixelOf>
+__device__ void stage_rows(const Geometry& g, const T* __restrict__ src, int n, int h, int count,
+                           PixelOf pixel_of, T* dst) {
+  const int row_elems = g.row;
+  for (int i = threadIdx.x; i < count * g.chunks; i += blockDim.x) {
+    const int p = i / g.chunks, d0 = (i % g.chunks) * kChunk;
+    const Pixel px = pixel_of(p);
+    T* out = dst + static_cast<int64_t>(p) * row_elems + d0;
+    if (!in_image(g, px)) {
+      for (int e = 0; e < kChunk; ++e) out[e] = T(0);
+    } else {
+      const T* in = src + row_index(g, n, px, h) * g.dim + d0;
+      if (g.vectorized) {
+        *reinterpret_cast<Chunk<T>*>(out) = *reinterpret_cast<const Chunk<T>*>(in);
+      } else {
+        for (int e = 0; e < kChunk; ++e) out[e] = d0 + e < g.dim ? in[e] : T(0);
+      }
+    }
+  }
+}
+
+// Writes chunk `chunk` of one row (head h of pixel px) from registers to global memory.
+template <typename T, typename acc_t>
+__device__ void store_chunk(const Geometry& g, T* __restrict__ dst, int n, Pixel px, int h,
+                            int chunk, const acc_t (&values)[kChunk]) {
+  T* out = dst + row_index(g, n, px, h) * g.dim + chunk * kChunk;
+  if (g.vectorized) {
+    Chunk<T> packed;
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) packed.v[e] = static_cast<T>(values[e]);
+    *reinterpret_cast<Chunk<T>*>(out) = packed;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) {
+      if (chunk * kChunk + e < g.dim) out[e] = static_cast<T>(values[e]);
+    }
+  }
+}
+
+template <typename T, typename acc_t>
+__device__ inline void load_chunk(const T* src, acc_t (&values)[kChunk]) {
+  const Chunk<T> packed = *reinterpret_cast<const Chunk<T>*>(src);
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) values[e] = static_cast<acc_t>(packed.v[e]);
+}
+
+// dots[c][t] = <a_c, w_t> for the B consecutive shared rows a (one block row of the tile) and
+// the B consecutive shared rows w (a run of one window row of the halo).
+template <int B, typename T, typename acc_t>
+__device__ void dot_rows(const Geometry& g, const T* a, const T* w, acc_t (&dots)[B][B]) {
+#pragma unroll
+  for (int c = 0; c < B; ++c) {
+#pragma unroll
+    for (int t = 0; t < B; ++t) dots[c][t] = acc_t(0);
+  }
+  for (int chunk = 0; chunk < g.chunks; ++chunk) {
+    acc_t av[B][kChunk], wv[B][kChunk];
+#pragma unroll
+    for (int c = 0; c < B; ++c) load_chunk(a + c * g.row + chunk * kChunk, av[c]);
+#pragma unroll
+    for (int t = 0; t < B; ++t) load_chunk(w + t * g.row + chunk * kChunk, wv[t]);
+#pragma unroll
+    for (int c = 0; c < B; ++c) {
+#pragma unroll
+      for (int t = 0; t < B; ++t) {
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) dots[c][t] += av[c][e] * wv[t][e];
+      }
+    }
+  }
+}
+
+// sums[c][:] = sum over the 9b^2 window pixels j of weights[c][j] * chunk `chunk` of the halo
+// row of j, for the B score rows starting at `weights` (stride g.score_stride()); `window_origin`
+// is the halo row of the window's top-left pixel.
+template <int B, typename T, typename acc_t>
+__device__ void weighted_rows(const Geometry& g, const acc_t* weights, const T* window_origin,
+                              int chunk, acc_t (&sums)[B][kChunk]) {
+#pragma unroll
+  for (int c = 0; c < B; ++c) {
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) sums[c][e] = acc_t(0);
+  }
+  const int stride = g.score_stride();
+  const int64_t halo_row = static_cast<int64_t>(g.halo_side()) * g.row;
+  for (int wy = 0; wy < 3 * B; ++wy) {
+    const T* row_start = window_origin + wy * halo_row + chunk * kChunk;
+#pragma unroll
+    for (int wx = 0; wx < 3 * B; ++wx) {
+      acc_t values[kChunk];
+      load_chunk(row_start + wx * g.row, values);
+      const int j = wy * 3 * B + wx;
+#pragma unroll
+      for (int c = 0; c < B; ++c) {
+        const acc_t p = weights[c * stride + j];
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) sums[c][e] += p * values[e];
+      }
+    }
+  }
+}
+
+// One work item of the pairwise phases: block `blk` of the tile, row r of that block, and run
+// `run` of b consecutive window pixels (window row run / 3, columns (run % 3) * b ...).
+// The tile pixel of row r, column c of block blk is (blk * b + r) * b + c = block_row * b + c.
+struct PairItem {
+  int blk, r, run, block_row;
+};
+
+__device__ inline PairItem pair_item(int item, int b) {
+  const int runs = 9 * b, block_row = item / runs;
+  return {block_row / b, block_row % b, item % runs, block_row};
+}
+
+// Shared row of the window pixel at (wy, wx) of tile block blk, in the halo numbering.
+__device__ inline int window_halo_index(const Geometry& g, int blk, int wy, int wx) {
+  const int b = g.block;
+  return ((blk / g.tile_blocks) * b + wy) * g.halo_side() + (blk % g.tile_blocks) * b + wx;
+}
+
+// Copies the bias table of head h (already in acc_t) into shared memory.
+template <typename acc_t>
+__device__ void stage_bias(const Geometry& g, const acc_t* __restrict__ bias, int h,
+                           acc_t* dst) {
+  for (int i = threadIdx.x; i < g.table_size(); i += blockDim.x) {
+    dst[i] = bias[h * g.table_size() + i];
+  }
+}
+
+// One (tile pixel, window pixel) pair handed to the epilogues of for_each_pair.
+struct Pair {
+  int tile, halo, score;  // tile row, halo row, index into the score buffer
+  Pixel tile_px, halo_px;
+  bool visible;           // both pixels in the image and, if symmetric, within b of each other
+};
+
+// For every (tile pixel, window pixel) pair of the tile, computes the dot product of their
+// shared rows (tile_rows: one per tile pixel; halo_rows: one per halo pixel) and hands it to
+// epilogue(pair, dot). Pairs of one thread never share a score entry with another thread's.
+template <int B, typename T, typename Epilogue>
+__device__ void for_each_pair(const Geometry& g, const TilePosition& t, const T* tile_rows,
+                              const T* halo_rows, Epilogue epilogue) {
+  using acc_t = at::opmath_type<T>;
+  const int items = g.tile_blocks * g.tile_blocks * B * 9 * B;
+  for (int item = threadIdx.x; item < items; item += blockDim.x) {
+    const PairItem it = pair_item(item, B);
+    const int wy = it.run / 3, wx0 = (it.run % 3) * B;
+    const int halo0 = window_halo_index(g, it.blk, wy, wx0);
+    acc_t dots[B][B];
+    dot_rows<B>(g, tile_rows + static_cast<int64_t>(it.block_row) * B * g.row,
+                halo_rows + static_cast<int64_t>(halo0) * g.row, dots);
+#pragma unroll
+    for (int c = 0; c < B; ++c) {
+      const int tile = it.block_row * B + c;
+      const Pixel tp = tile_pixel(g, t, tile);
+#pragma unroll
+      for (int u = 0; u < B; ++u) {
+        const Pixel hp = halo_pixel(g, t, halo0 + u);
+        const bool visible = in_image(g, tp) && in_image(g, hp) &&
+                             symmetric_ok(g, hp.y - tp.y, hp.x - tp.x);
+        epilogue(Pair{tile, halo0 + u, tile * g.score_stride() + it.run * B + u, tp, hp, visible},
+                 dots[c][u]);
+      }
+    }
+  }
+}
+
+// For every tile pixel i and head-dimension chunk, sums over the window pixels j of
+// score[i][j] * halo_rows[j] and hands the chunk to store(tile row, chunk, sums).
+template <int B, typename T, typename acc_t, typename Store>
+__device__ void for_each_weighted_chunk(const Geometry& g, const acc_t* score,
+                                        const T* halo_rows, Store store) {
+  const int items = g.tile_blocks * g.tile_blocks * B * g.chunks;
+  for (int item = threadIdx.x; item < items; item += blockDim.x) {
+    const int chunk = item % g.chunks, block_row = item / g.chunks;
+    const int blk = block_row / B;
+    acc_t sums[B][kChunk];
+    weighted_rows<B>(g, score + static_cast<int64_t>(block_row) * B * g.score_stride(),
+                     halo_rows + static_cast<int64_t>(window_halo_index(g, blk, 0, 0)) * g.row,
+                     chunk, sums);
+#pragma unroll
+    for (int c = 0; c < B; ++c) store(block_row * B + c, chunk, sums[c]);
+  }
+}
+
+// Host side -------------------------------------------------------------------------------------
+
+// Sizes and alignment of a call; the tiling is set by set_tiling.
+Geometry make_geometry(const at::Tensor& q, int64_t block_size, bool symmetric,
+                       std::initializer_list<const at::Tensor*> tensors);
+
+// Preferred tile side in blocks: 8 x 8 pixels per tile keeps the halo overhead at
+// ((TB+2)/TB)^2 = 2.25 for b = 2 while leaving room for more than one block per SM.
+inline int preferred_tile_blocks(int b) { return b == 3 ? 2 : 8 / b; }
+
+int64_t shared_memory_limit();
+
+// Uses the largest tile, at most preferred_tile_blocks a side, whose shared memory (bytes_of)
+// fits the device; returns the bytes needed. Fails clearly when not even one block fits.
+template <typename BytesOf>
+int64_t set_tiling(Geometry& g, BytesOf bytes_of) {
+  const int64_t limit = shared_memory_limit();
+  g.tile_blocks = preferred_tile_blocks(g.block);
+  int64_t bytes = bytes_of(g);
+  while (bytes > limit && g.tile_blocks > 1) {
+    --g.tile_blocks;
+    bytes = bytes_of(g);
+  }
+  TORCH_CHECK_VALUE(bytes <= limit, "local_attention2d (CUDA): head size D=", g.dim,
+                    " with block_size ", g.block, " needs ", bytes,
+                    " bytes of shared memory, more than the device has (", limit,
+                    "); use a smaller head size or the CPU");
+  const int blocks_y = (g.height + g.block - 1) / g.block;
+  const int blocks_x = (g.width + g.block - 1) / g.block;
+  g.tiles_x = (blocks_x + g.tile_blocks - 1) / g.tile_blocks;
+  g.tiles = g.tiles_x * ((blocks_y + g.tile_blocks - 1) / g.tile_blocks);
+  return bytes;
+}
+
+// Raises the dynamic shared-memory limit of `kernel` to `bytes` when above the default 48 KiB.
+void allow_shared_memory(const void* kernel, int64_t bytes);
+
+// Grid of one launch: x = tile * heads + head, y = batch item.
+dim3 launch_grid(const Geometry& g, int64_t batch);
+
+template <typename F>
+void with_block_size(int64_t b, F&& f) {
+  switch (b) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default:
+      TORCH_CHECK_VALUE(false, "local_attention2d (CUDA): block_size must be 1, 2, 3 or 4, got ",
+                        b);
+  }
+}
+
+// Kernels' host entry points (one translation unit each, so they compile in parallel).
+void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& bias, int64_t block_size, double scale, bool symmetric,
+                    at::Tensor& out, at::Tensor& lse);
+void launch_backward_query(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& bias, const at::Tensor& out,
+                           const at::Tensor& lse, int64_t block_size, double scale,
+                           bool symmetric, at::Tensor& grad_q, at::Tensor& delta,
+                           at::Tensor& grad_bias);
+void launch_backward_key(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& bias, const at::Tensor& lse,
+                         const at::Tensor& delta, int64_t block_size, double scale,
+                         bool symmetric, at::Tensor& grad_k, at::Tensor& grad_v);
+
+}  // namespace localattn::cuda

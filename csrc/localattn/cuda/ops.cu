@@ -1,0 +1,171 @@
+// CUDA implementations of localattn::local_attention2d_forward / _backward: input checks, output
+// allocation and registration under the CUDA dispatch key. The kernels are in forward.cu,
+// backward_query.cu and backward_key.cu.
+//
+// rpb may be in the dtype of q or in float32 (a float32 master copy of the table under autocast
+// or mixed precision); grad_rpb comes back in rpb's dtype, summed in float32 (float64 for
+// float64 inputs). lse is float32 (float64 for float64 inputs).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <cstdint>
+#include <tuple>
+
+#include "local_attention_cuda.cuh"
+
+namespace localattn::cuda {
+
+Geometry make_geometry(const at::Tensor& q, int64_t block_size, bool symmetric,
+                       std::initializer_list<const at::Tensor*> tensors) {
+  Geometry g{};
+  g.height = static_cast<int>(q.size(1));
+  g.width = static_cast<int>(q.size(2));
+  g.heads = static_cast<int>(q.size(3));
+  g.dim = static_cast<int>(q.size(4));
+  g.block = static_cast<int>(block_size);
+  g.chunks = (g.dim + kChunk - 1) / kChunk;
+  g.row = g.chunks * kChunk + static_cast<int>(16 / q.element_size());
+  g.symmetric = symmetric;
+  g.vectorized = g.dim % kChunk == 0;
+  for (const at::Tensor* t : tensors) {
+    g.vectorized = g.vectorized && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
+  }
+  return g;
+}
+
+int64_t shared_memory_limit() {
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        c10::cuda::current_device()));
+  return limit;
+}
+
+void allow_shared_memory(const void* kernel, int64_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+dim3 launch_grid(const Geometry& g, int64_t batch) {
+  const int64_t blocks = static_cast<int64_t>(g.tiles) * g.heads;
+  TORCH_CHECK_VALUE(blocks <= INT_MAX, "local_attention2d (CUDA): image too large: ", g.tiles,
+                    " tiles x ", g.heads, " heads exceeds the grid limit");
+  TORCH_CHECK_VALUE(batch <= 65535, "local_attention2d (CUDA): batch must be <= 65535, got ",
+                    batch);
+  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(batch));
+}
+
+namespace {
+
+at::ScalarType accumulate_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_same(const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(t.sizes() == q.sizes(), "local_attention2d (CUDA): ", name,
+                    " must have the shape of q ", q.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "local_attention2d (CUDA): ", name,
+                   " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == q.device(), "local_attention2d (CUDA): ", name,
+                    " must be on the device of q (", q.device(), "), got ", t.device());
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& rpb, int64_t block_size) {
+  TORCH_CHECK_VALUE(q.is_cuda(), "local_attention2d (CUDA): q must be a CUDA tensor, got ",
+                    q.device());
+  TORCH_CHECK_VALUE(q.dim() == 5, "local_attention2d (CUDA): q must be [B, H, W, heads, D], got ",
+                    q.sizes());
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                       dtype == at::kDouble,
+                   "local_attention2d (CUDA): q must be float16, bfloat16, float32 or float64, "
+                   "got ",
+                   dtype);
+  for (int64_t size : q.sizes()) {
+    TORCH_CHECK_VALUE(size <= INT_MAX / 16, "local_attention2d (CUDA): q is too large: ",
+                      q.sizes());
+  }
+  check_same("k", k, q);
+  check_same("v", v, q);
+  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= 4,
+                    "local_attention2d (CUDA): block_size must be 1, 2, 3 or 4, got ", block_size);
+  const int64_t table = 4 * block_size - 1;
+  TORCH_CHECK_VALUE(rpb.dim() == 3 && rpb.size(0) == q.size(3) && rpb.size(1) == table &&
+                        rpb.size(2) == table,
+                    "local_attention2d (CUDA): rpb must be [heads, 4b-1, 4b-1] = [", q.size(3),
+                    ", ", table, ", ", table, "], got ", rpb.sizes());
+  TORCH_CHECK_TYPE(rpb.scalar_type() == dtype || rpb.scalar_type() == at::kFloat,
+                   "local_attention2d (CUDA): rpb must have the dtype of q (", dtype,
+                   ") or float32, got ", rpb.scalar_type());
+  TORCH_CHECK_VALUE(rpb.device() == q.device(),
+                    "local_attention2d (CUDA): rpb must be on the device of q (", q.device(),
+                    "), got ", rpb.device());
+}
+
+// The bias table of every head in the accumulation dtype, as the kernels read it.
+at::Tensor bias_table(const at::Tensor& rpb, at::ScalarType dtype) {
+  return rpb.to(accumulate_type(dtype)).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                const at::Tensor& v_in, const at::Tensor& rpb,
+                                                int64_t block_size, double scale,
+                                                bool symmetric) {
+  check_inputs(q_in, k_in, v_in, rpb, block_size);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse =
+      at::empty(q.sizes().slice(0, 4), q.options().dtype(accumulate_type(q.scalar_type())));
+  if (q.numel() == 0) return {out, lse};
+  launch_forward(q, k, v, bias_table(rpb, q.scalar_type()), block_size, scale, symmetric, out,
+                 lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& rpb, const at::Tensor& out_in,
+    const at::Tensor& lse_in, int64_t block_size, double scale, bool symmetric) {
+  check_inputs(q_in, k_in, v_in, rpb, block_size);
+  check_same("grad_out", grad_out_in, q_in);
+  check_same("out", out_in, q_in);
+  const auto acc_dtype = accumulate_type(q_in.scalar_type());
+  TORCH_CHECK_VALUE(lse_in.sizes() == q_in.sizes().slice(0, 4),
+                    "local_attention2d (CUDA): lse must be [B, H, W, heads] = ",
+                    q_in.sizes().slice(0, 4), ", got ", lse_in.sizes());
+  TORCH_CHECK_TYPE(lse_in.scalar_type() == acc_dtype, "local_attention2d (CUDA): lse must be ",
+                   acc_dtype, ", got ", lse_in.scalar_type());
+  TORCH_CHECK_VALUE(lse_in.device() == q_in.device(),
+                    "local_attention2d (CUDA): lse must be on the device of q (", q_in.device(),
+                    "), got ", lse_in.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor grad_out = grad_out_in.contiguous(), q = q_in.contiguous(),
+                   k = k_in.contiguous(), v = v_in.contiguous(), out = out_in.contiguous(),
+                   lse = lse_in.contiguous();
+  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  at::Tensor grad_bias = at::zeros(rpb.sizes(), rpb.options().dtype(acc_dtype));
+  if (q.numel() > 0) {
+    const at::Tensor bias = bias_table(rpb, q.scalar_type());
+    at::Tensor delta = at::empty(lse.sizes(), lse.options());
+    // Stream order makes delta, written by the first kernel, visible to the second.
+    launch_backward_query(grad_out, q, k, v, bias, out, lse, block_size, scale, symmetric, grad_q,
+                          delta, grad_bias);
+    launch_backward_key(grad_out, q, k, v, bias, lse, delta, block_size, scale, symmetric, grad_k,
+                        grad_v);
+  }
+  return {grad_q, grad_k, grad_v, grad_bias.to(rpb.scalar_type())};
+}
+
+}  // namespace
+}  // namespace localattn::cuda
+
+TORCH_LIBRARY_IMPL(localattn, CUDA, m) {
+  m.impl("local_attention2d_forward", &localattn::cuda::forward_cuda);
+  m.impl("local_attention2d_backward", &localattn::cuda::backward_cuda);
+}
