@@ -237,7 +237,7 @@ def save_pair(image_path, label_path, pixels, labels):
 
 @pytest.fixture
 def deepfashion(tmp_path):
-    """Five good pairs of 36x48 images plus one of each problem case, in the release's layout."""
+    """Five good pairs of 36x48 images, one of each problem case, and an unlabelled image."""
     (tmp_path / "images").mkdir()
     (tmp_path / "segm").mkdir()
     rng = np.random.default_rng(0)
@@ -251,6 +251,8 @@ def deepfashion(tmp_path):
     save_pair(None, tmp_path / "segm/broken_segm.png", pixels, labels)
     save_pair(tmp_path / "images/mismatch.jpg", tmp_path / "segm/mismatch_segm.png", pixels, labels[:, :24])
     save_pair(None, tmp_path / "segm/orphan_segm.png", pixels, labels)
+    Image.fromarray(pixels).save(tmp_path / "images/colour.jpg")
+    Image.fromarray(pixels).save(tmp_path / "segm/colour_segm.png")
     labels_out_of_range = labels.copy()
     labels_out_of_range[5, 5] = 30
     save_pair(tmp_path / "images/badid.jpg", tmp_path / "segm/badid_segm.png", pixels, labels_out_of_range)
@@ -264,12 +266,14 @@ def load_all(dataset):
 
 def test_deepfashion_skips_bad_pairs_with_one_warning(deepfashion):
     root, pairs = deepfashion
-    with pytest.warns(UserWarning, match=r"skipped 3 of 9 files") as caught:
+    with pytest.warns(UserWarning, match=r"skipped 4 of 10 files") as caught:
         dataset = data.DeepFashionMultiModal(root, image_size=48, split="all")
     message = str(caught[0].message)
-    assert "broken: unreadable image" in message and "orphan: no image file" in message
-    assert "mismatch: size mismatch: image 48x36, labels 24x36" in message
-    assert sorted(name for name, _ in dataset.skipped) == ["broken", "mismatch", "orphan"]
+    assert f"unreadable image '{root / 'images/broken.jpg'}'" in message
+    assert f"no image for label map '{root / 'segm/orphan_segm.png'}'" in message
+    assert f"size mismatch: image '{root / 'images/mismatch.jpg'}' is 48x36, label map 24x36" in message
+    assert f"label map '{root / 'segm/colour_segm.png'}' has mode RGB" in message
+    assert sorted(name for name, _ in dataset.skipped) == ["broken", "colour", "mismatch", "orphan"]
     assert sorted(name for name, _, _ in dataset.pairs) == sorted([*pairs, "badid"])
 
 
@@ -295,9 +299,9 @@ def test_out_of_range_ids_are_an_error_naming_the_file(deepfashion):
     index = next(i for i, (name, _, _) in enumerate(dataset.pairs) if name == "badid")
     with pytest.raises(ValueError, match=r"badid_segm\.png.*\[30\] out of range"):
         dataset[index]
-    with pytest.warns(UserWarning, match="skipped 4 of 9") as caught:
+    with pytest.warns(UserWarning, match="skipped 5 of 10") as caught:
         checked = data.DeepFashionMultiModal(root, image_size=48, split="all", check_labels=True)
-    assert "badid" in str(caught[0].message)
+    assert "badid_segm.png': ids [30] out of range" in str(caught[0].message)
     assert "badid" not in {name for name, _, _ in checked.pairs}
 
 

@@ -161,20 +161,22 @@ def _header(path):
         return image.size, image.mode
 
 
-def pair_problem(image_path: Path, label_path: Path, check_labels: bool, lookup=None) -> str | None:
-    """Why a pair is unusable, from file headers (and decoded label ids if asked); None if fine."""
-    try:
-        image_size, _ = _header(image_path)
-    except (OSError, ValueError) as error:
-        return f"unreadable image ({type(error).__name__})"
-    try:
-        label_size, mode = _header(label_path)
-    except (OSError, ValueError) as error:
-        return f"unreadable label map ({type(error).__name__})"
+def pair_problem(image_path: Path | None, label_path: Path, check_labels: bool, lookup=None) -> str | None:
+    """Why a pair is unusable, naming the file, from headers (and decoded ids if asked); None if fine."""
+    if image_path is None:
+        return f"no image for label map '{label_path}'"
+    headers = []
+    for kind, path in (("image", image_path), ("label map", label_path)):
+        try:
+            headers.append(_header(path))
+        except (OSError, ValueError) as error:
+            return f"unreadable {kind} '{path}' ({type(error).__name__})"
+    (image_size, _), (label_size, mode) = headers
     if mode not in _LABEL_MODES:
-        return f"label map mode {mode} is not single-channel"
+        return f"label map '{label_path}' has mode {mode}, expected a single channel"
     if image_size != label_size:
-        return f"size mismatch: image {image_size[0]}x{image_size[1]}, labels {label_size[0]}x{label_size[1]}"
+        return (f"size mismatch: image '{image_path}' is {image_size[0]}x{image_size[1]}, "
+                f"label map {label_size[0]}x{label_size[1]}")
     if check_labels:
         try:
             load_labels(label_path, lookup)
@@ -247,13 +249,13 @@ class LabelledFiles(Dataset):
         chosen = [pairs[i] for i in split_indices(len(pairs), split, val_fraction, seed)]
         self.pairs, self.skipped = [], []
         for name, image_path, label_path in chosen:
-            problem = pair_problem(image_path, label_path, check_labels, lookup) if image_path else "no image file"
+            problem = pair_problem(image_path, label_path, check_labels, lookup)
             if problem is None:
                 self.pairs.append((name, image_path, label_path))
             else:
                 self.skipped.append((name, problem))
         if self.skipped:
-            shown = "; ".join(f"{name}: {why}" for name, why in self.skipped[:_REPORTED_NAMES])
+            shown = "; ".join(why for _, why in self.skipped[:_REPORTED_NAMES])
             warnings.warn(f"{type(self).__name__} ({split}): skipped {len(self.skipped)} of {len(chosen)} "
                           f"files, first: {shown}", stacklevel=3)
 
