@@ -11,7 +11,7 @@ from PIL import Image
 
 from unet import data
 from unet.labels import LABEL_INDEX, LABELS, NUM_LABELS
-from unet.synthetic import render_figure
+from unet.synthetic import Canvas, render_figure, romper_panel, sample_body, torso_garment
 
 
 def reference_boundary(labels: np.ndarray) -> np.ndarray:
@@ -99,6 +99,25 @@ def test_colour_does_not_decide_garment_labels():
                 means[name].append(image[mask].mean(axis=0))
     spreads = {name: np.std(np.array(values), axis=0).mean() for name, values in means.items()}
     assert all(spread > 35 for spread in spreads.values()), spreads
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_romper_is_a_dress_with_a_notch_between_the_legs(seed):
+    body, hem, size = sample_body(np.random.default_rng(seed)), 0.66, 256
+    romper, dress = Canvas(size), Canvas(size)
+    romper.origin = dress.origin = np.array([0.5, 0.0])
+    romper_panel(romper, body, np.random.default_rng(seed), hem, 0, ease=0.01, flare=0.3)
+    torso_garment(dress, body, np.random.default_rng(seed), hem, LABEL_INDEX["dress"], 0, ease=0.01, flare=0.3)
+    below_neck = slice(int(0.25 * size), int(hem * size))
+    is_romper = romper.labels[below_neck] == LABEL_INDEX["rompers"]
+    is_dress = dress.labels[below_neck] == LABEL_INDEX["dress"]
+    assert not (is_romper & ~is_dress).any()
+    assert 0 < (is_dress & ~is_romper).sum() < 0.05 * is_dress.sum()
+    near_hem = slice(int(0.62 * size), int(0.65 * size))
+    centre = size // 2
+    assert (romper.labels[near_hem, centre] == 0).all()
+    assert (romper.labels[near_hem, centre - 6] == LABEL_INDEX["rompers"]).all()
+    assert (dress.labels[near_hem, centre] == LABEL_INDEX["dress"]).all()
 
 
 def test_synthetic_rejects_bad_arguments():
