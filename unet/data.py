@@ -284,7 +284,8 @@ class DeepFashionMultiModal(LabelledFiles):
     Only images with a label map belong to the set (most of the release's images have none).
     """
 
-    def __init__(self, root, image_size=512, split="train", val_fraction=0.1, seed=0, augment=False, check_labels=False):
+    def __init__(self, root, image_size=512, split="train", val_fraction=0.1, seed=0, augment=False,
+                 check_labels=False):
         root = _require_dir("root", root)
         images, segm = _require_dir("root/images", root / "images"), _require_dir("root/segm", root / "segm")
         pairs = []

@@ -66,7 +66,9 @@ def skin_material(rng):
 
 
 def hair_material(rng):
-    tones = ([0.05, 0.04, 0.03], [0.25, 0.15, 0.08], [0.55, 0.35, 0.18], [0.85, 0.72, 0.45], [0.6, 0.6, 0.6], [0.55, 0.2, 0.1])
+    # Black, brown, light brown, blond, grey, red.
+    tones = ([0.05, 0.04, 0.03], [0.25, 0.15, 0.08], [0.55, 0.35, 0.18],
+             [0.85, 0.72, 0.45], [0.6, 0.6, 0.6], [0.55, 0.2, 0.1])
     hair = _plain(rng, tones[rng.integers(len(tones))], jitter=0.15)
     hair.pattern, hair.period, hair.angle = "stripes", 0.006, rng.uniform(1.2, 1.9)
     hair.second = hair.colour * 0.75
@@ -388,10 +390,15 @@ def draw_one_piece(canvas, body, rng, style, hem, flare, sleeve, ease):
     draw_sleeves(canvas, body, rng, label, look, sleeve, ease)
 
 
+OUTFITS = ("pants", "leggings", "skirt", "dress", "rompers", "jumpsuit")
+OUTFIT_ODDS = (0.22, 0.1, 0.2, 0.26, 0.12, 0.1)
+
+
 def draw_outfit(canvas, body, rng):
     """Garments, inner layers first; a quarter of separates are co-ord sets that share one look."""
+    # Sleeve length in arm segments: none, short, or three-quarter to long.
     sleeve, ease = rng.choice([0.0, rng.uniform(0.3, 0.8), rng.uniform(1.4, 2.05)]), rng.uniform(0.002, 0.02)
-    style = rng.choice(["pants", "leggings", "skirt", "dress", "rompers", "jumpsuit"], p=[0.22, 0.1, 0.2, 0.26, 0.12, 0.1])
+    style = rng.choice(OUTFITS, p=OUTFIT_ODDS)
     hem, flare = rng.uniform(0.56, 0.95), rng.uniform(0.0, 0.6)
     if style in ("skirt", "dress") and rng.random() < 0.25:
         draw_legwear(canvas, body, rng, _L["leggings"], new_garment(canvas, rng), rng.uniform(1.5, 2.1), 0.002)
@@ -419,68 +426,88 @@ def draw_socks(canvas, body, rng):
 
 def draw_footwear(canvas, body, rng):
     if rng.random() < 0.85:
-        shoes, boot = new_garment(canvas, rng), rng.random() < 0.25
+        shoes, boot_top = new_garment(canvas, rng), rng.uniform(1.3, 1.7) if rng.random() < 0.25 else None
         for k in (-1, 1):
             canvas.ellipse(body.ankle[k] + [k * 0.008, 0.022], 0.026, 0.018, _L["footwear"], shoes)
-            if boot:
-                limb_cover(canvas, leg(body, k), body.leg_radii(), 2.0, 0.006, _L["footwear"], shoes, start=rng.uniform(1.3, 1.7))
+            if boot_top is not None:
+                limb_cover(canvas, leg(body, k), body.leg_radii(), 2.0, 0.006, _L["footwear"], shoes, start=boot_top)
 
 
 def draw_hands(canvas, body, rng):
+    """Gloves, then per hand maybe a bracelet or watch and a ring: the few-pixel items."""
     gloves = new_garment(canvas, rng) if rng.random() < 0.08 else None
     for k in (-1, 1):
         if gloves is not None:
             limb_cover(canvas, arm(body, k), body.arm_radii(), 2.0, 0.003, _L["gloves"], gloves, start=1.75)
             canvas.capsule(body.wrist[k], body.hand[k], 0.014, 0.016, _L["gloves"], gloves)
-        direction = body.hand[k] - body.wrist[k]
+        direction, band = body.hand[k] - body.wrist[k], 0.016 * body.width
         if rng.random() < 0.35:
-            canvas.capsule(body.wrist[k] - 0.2 * direction, body.wrist[k] - 0.02 * direction,
-                           0.016 * body.width, 0.016 * body.width, _L["wrist wearing"], canvas.add(metal_material(rng)))
+            canvas.capsule(body.wrist[k] - 0.2 * direction, body.wrist[k] - 0.02 * direction, band, band,
+                           _L["wrist wearing"], canvas.add(metal_material(rng)))
         if rng.random() < 0.35:
-            canvas.ellipse(body.wrist[k] + rng.uniform(0.55, 0.8) * direction, 0.007, 0.007, _L["ring"], canvas.add(metal_material(rng)))
+            finger = body.wrist[k] + rng.uniform(0.55, 0.8) * direction
+            canvas.ellipse(finger, 0.007, 0.007, _L["ring"], canvas.add(metal_material(rng)))
 
 
-def draw_torso_items(canvas, body, rng):
-    if rng.random() < 0.25:
-        y, half = rng.uniform(0.34, 0.44), rng.uniform(0.006, 0.014)
-        band = np.concatenate([_panel_side(body, y - half, y + half, 0.012, 0, 2), _mirror(_panel_side(body, y - half, y + half, 0.012, 0, 2))])
-        canvas.polygon(band, _L["belt"], canvas.add(garment_material(rng, ("plain", "noise"))))
-        canvas.polygon([[-0.012, y - half - 0.003], [0.012, y - half - 0.003], [0.012, y + half + 0.003], [-0.012, y + half + 0.003]],
-                       _L["belt"], canvas.add(metal_material(rng)))
-    if rng.random() < 0.07:
-        canvas.polygon([[-0.008, 0.17], [0.008, 0.17], [0.016, 0.33], [0, 0.36], [-0.016, 0.33]], _L["tie"], new_garment(canvas, rng))
-    if rng.random() < 0.12:
-        scarf = new_garment(canvas, rng)
-        canvas.capsule((-0.03, 0.165), (0.03, 0.165), 0.02, 0.02, _L["neckwear"], scarf)
-        k = rng.choice([-1, 1])
-        canvas.capsule((k * 0.02, 0.17), (k * 0.03, rng.uniform(0.26, 0.42)), 0.02, 0.016, _L["neckwear"], scarf)
-    if rng.random() < 0.3:
-        rx, ry = rng.uniform(0.03, 0.05), rng.uniform(0.03, 0.1)
-        t = np.linspace(0, np.pi, 9)
-        chain = np.stack([rx * np.cos(t), 0.155 + ry * np.sin(t)], axis=1)
-        necklace = canvas.add(metal_material(rng))
-        canvas.polyline(chain, 0.003, _L["necklace"], necklace)
-        canvas.ellipse(chain[4] + [0, 0.006], 0.006, 0.008, _L["necklace"], necklace)
-    if rng.random() < 0.25:
-        draw_bag(canvas, body, rng)
+def _rectangle(centre, half_width, half_height):
+    return np.asarray(centre) + np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [half_width, half_height]
+
+
+def draw_belt(canvas, body, rng):
+    y, half = rng.uniform(0.34, 0.44), rng.uniform(0.006, 0.014)
+    side = _panel_side(body, y - half, y + half, 0.012, 0.0, steps=2)
+    strap = canvas.add(garment_material(rng, ("plain", "noise")))
+    canvas.polygon(np.concatenate([side, _mirror(side)]), _L["belt"], strap)
+    canvas.polygon(_rectangle((0, y), 0.012, half + 0.003), _L["belt"], canvas.add(metal_material(rng)))
+
+
+def draw_tie(canvas, body, rng):
+    kite = [[-0.008, 0.17], [0.008, 0.17], [0.016, 0.33], [0, 0.36], [-0.016, 0.33]]
+    canvas.polygon(kite, _L["tie"], new_garment(canvas, rng))
+
+
+def draw_scarf(canvas, body, rng):
+    scarf, k = new_garment(canvas, rng), rng.choice([-1, 1])
+    canvas.capsule((-0.03, 0.165), (0.03, 0.165), 0.02, 0.02, _L["neckwear"], scarf)
+    canvas.capsule((k * 0.02, 0.17), (k * 0.03, rng.uniform(0.26, 0.42)), 0.02, 0.016, _L["neckwear"], scarf)
+
+
+def draw_necklace(canvas, body, rng):
+    rx, ry = rng.uniform(0.03, 0.05), rng.uniform(0.03, 0.1)
+    t = np.linspace(0, np.pi, 9)
+    chain = np.stack([rx * np.cos(t), 0.155 + ry * np.sin(t)], axis=1)
+    necklace = canvas.add(metal_material(rng))
+    canvas.polyline(chain, 0.003, _L["necklace"], necklace)
+    canvas.ellipse(chain[4] + [0, 0.006], 0.006, 0.008, _L["necklace"], necklace)
 
 
 def draw_bag(canvas, body, rng):
+    """A cross-body bag on a strap, or a handbag hanging from one hand."""
     bag, k = new_garment(canvas, rng), rng.choice([-1, 1])
-    width, height = rng.uniform(0.05, 0.12), rng.uniform(0.045, 0.1)
+    half_width, half_height = rng.uniform(0.025, 0.06), rng.uniform(0.022, 0.05)
     if rng.random() < 0.5:
         centre = np.array([k * body.half_width(0.46, 0.03), rng.uniform(0.42, 0.55)])
         canvas.polyline(np.array([[-k * 0.05, 0.17], centre]), 0.003, _L["bag"], bag)
     else:
-        centre = body.hand[k] + [0, height / 2 + 0.01]
-        canvas.polyline(np.array([body.hand[k] + [-0.015, 0], centre - [0, 0], body.hand[k] + [0.015, 0]]), 0.003, _L["bag"], bag)
-    corners = centre + np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [width / 2, height / 2]
-    canvas.polygon(corners, _L["bag"], bag)
+        hand = body.hand[k]
+        centre = hand + [0, half_height + 0.01]
+        canvas.polyline(np.array([hand - [0.015, 0], centre, hand + [0.015, 0]]), 0.003, _L["bag"], bag)
+    canvas.polygon(_rectangle(centre, half_width, half_height), _L["bag"], bag)
+
+
+# How often each item over the clothes is worn, drawn in this order.
+TORSO_ITEMS = ((0.25, draw_belt), (0.07, draw_tie), (0.12, draw_scarf), (0.3, draw_necklace), (0.25, draw_bag))
+
+
+def draw_torso_items(canvas, body, rng):
+    for chance, draw in TORSO_ITEMS:
+        if rng.random() < chance:
+            draw(canvas, body, rng)
 
 
 def draw_head(canvas, rng, skin, hair):
-    long_hair = rng.random() < 0.55
-    face = _L["face"]
+    """Face (with eyes and lips in the face label), hair over it, then hat, glasses, earrings."""
+    face, long_hair = _L["face"], rng.random() < 0.55
     canvas.ellipse((0, 0.066), 0.042, 0.055, face, skin)
     eyes, lips = canvas.add(_plain(rng, [0.1, 0.08, 0.07])), canvas.add(_plain(rng, [0.6, 0.25, 0.25], 0.2))
     for k in (-1, 1):
@@ -488,7 +515,8 @@ def draw_head(canvas, rng, skin, hair):
     canvas.ellipse((0, 0.098), 0.011, 0.004, face, lips)
     if long_hair:
         for k in (-1, 1):
-            canvas.capsule((k * 0.045, 0.05), (k * rng.uniform(0.045, 0.065), rng.uniform(0.18, 0.36)), 0.014, rng.uniform(0.012, 0.024), _L["hair"], hair)
+            tip = (k * rng.uniform(0.045, 0.065), rng.uniform(0.18, 0.36))
+            canvas.capsule((k * 0.045, 0.05), tip, 0.014, rng.uniform(0.012, 0.024), _L["hair"], hair)
     canvas.ellipse((0, rng.uniform(0.035, 0.045)), 0.047, rng.uniform(0.03, 0.042), _L["hair"], hair)
     if rng.random() < 0.15:
         hat = new_garment(canvas, rng)
