@@ -236,11 +236,13 @@ class Body:
     knee: dict
     ankle: dict
 
-    # Half-widths of the torso at heights: shoulders, chest, waist, hips, crotch.
+    # Heights of the shoulders, chest, waist, hips and crotch, and the torso's half-width there.
     PROFILE_Y = np.array([0.165, 0.25, 0.355, 0.46, 0.53])
+    PROFILE_HALF_WIDTH = np.array([0.085, 0.072, 0.056, 0.08, 0.077])
 
     def half_width(self, y, ease=0.0, flare=0.0):
-        widths = self.width * np.array([0.085, 0.072, 0.056, 0.08, 0.077])
+        """Half-width of a garment at height y: the body, plus ease, plus flare below the hips."""
+        widths = self.width * self.PROFILE_HALF_WIDTH
         return np.interp(y, self.PROFILE_Y, widths) + ease + flare * np.maximum(np.asarray(y) - 0.46, 0)
 
     def arm_radii(self):
@@ -331,7 +333,7 @@ def leg(body, side):
     return np.array([body.hip[side], body.knee[side], body.ankle[side]])
 
 
-def draw_body(canvas, body, rng, skin):
+def draw_body(canvas, body, skin):
     s = _L["skin"]
     canvas.capsule((0, 0.09), (0, 0.18), 0.018 * body.width, 0.02 * body.width, s, skin)
     side = _panel_side(body, 0.165, 0.53, 0.0, 0.0)
@@ -343,7 +345,8 @@ def draw_body(canvas, body, rng, skin):
         canvas.capsule(body.wrist[k], body.hand[k], 0.012, 0.014, s, skin)
 
 
-def draw_sleeves(canvas, body, rng, label, material, length, ease):
+def draw_sleeves(canvas, body, label, material, length, ease):
+    # Starting a little before the shoulder joint caps the shoulder.
     if length > 0:
         for k in (-1, 1):
             limb_cover(canvas, arm(body, k), body.arm_radii(), length, ease, label, material, start=-0.15)
@@ -387,7 +390,7 @@ def draw_one_piece(canvas, body, rng, style, hem, flare, sleeve, ease):
     else:
         torso_garment(canvas, body, rng, 0.5, label, look, ease)
         draw_legwear(canvas, body, rng, label, look, rng.uniform(1.6, 2.1), rng.uniform(0.006, 0.02))
-    draw_sleeves(canvas, body, rng, label, look, sleeve, ease)
+    draw_sleeves(canvas, body, label, look, sleeve, ease)
 
 
 OUTFITS = ("pants", "leggings", "skirt", "dress", "rompers", "jumpsuit")
@@ -409,12 +412,12 @@ def draw_outfit(canvas, body, rng):
         # A copy, not the same index: the seam where the two garments meet stays visible.
         top = canvas.add(canvas.materials[bottom]) if rng.random() < 0.25 else new_garment(canvas, rng)
         torso_garment(canvas, body, rng, rng.uniform(0.33, 0.56), _L["top"], top, ease, rng.uniform(0, 0.15))
-        draw_sleeves(canvas, body, rng, _L["top"], top, sleeve, ease)
+        draw_sleeves(canvas, body, _L["top"], top, sleeve, ease)
     if rng.random() < 0.3:
         outer = new_garment(canvas, rng)
         torso_garment(canvas, body, rng, rng.uniform(0.48, 0.9), _L["outer"], outer,
                       ease + rng.uniform(0.008, 0.02), rng.uniform(0, 0.2), gap=rng.uniform(0.005, 0.04))
-        draw_sleeves(canvas, body, rng, _L["outer"], outer, rng.uniform(1.5, 2.05), ease + 0.008)
+        draw_sleeves(canvas, body, _L["outer"], outer, rng.uniform(1.5, 2.05), ease + 0.008)
 
 
 def draw_socks(canvas, body, rng):
@@ -559,7 +562,7 @@ def render_figure(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.n
     body, skin = sample_body(rng), canvas.add(skin_material(rng))
     hair = canvas.add(hair_material(rng))
     draw_hair_back(canvas, rng, hair)
-    draw_body(canvas, body, rng, skin)
+    draw_body(canvas, body, skin)
     draw_socks(canvas, body, rng)
     draw_outfit(canvas, body, rng)
     draw_footwear(canvas, body, rng)
