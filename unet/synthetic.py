@@ -11,6 +11,7 @@ dress vs top+skirt differ by a waist seam, rompers vs dresses by a small gap bet
 leggings vs pants by tightness.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,12 +132,12 @@ class Canvas:
 
     def _window(self, points, margin):
         """Pixel-centre grids (x row, y column) covering the points' bounding box plus margin."""
-        lo = np.floor((points.min(axis=0) - margin) * self.size).astype(int)
-        hi = np.ceil((points.max(axis=0) + margin) * self.size).astype(int) + 1
-        lo, hi = np.clip(lo, 0, self.size), np.clip(hi, 0, self.size)
-        if (hi <= lo).any():
+        (x0, y0), (x1, y1) = (points.min(axis=0) - margin) * self.size, (points.max(axis=0) + margin) * self.size
+        x0, y0 = max(math.floor(x0), 0), max(math.floor(y0), 0)
+        x1, y1 = min(math.ceil(x1) + 1, self.size), min(math.ceil(y1) + 1, self.size)
+        if x1 <= x0 or y1 <= y0:
             return None
-        rows, cols = slice(lo[1], hi[1]), slice(lo[0], hi[0])
+        rows, cols = slice(y0, y1), slice(x0, x1)
         return rows, cols, self.centres[cols][None, :], self.centres[rows][:, None]
 
     def _paint(self, window, mask, label, material):
@@ -196,14 +197,14 @@ class Canvas:
         ends = np.cumsum(np.bincount(flat, minlength=len(self.materials)))
         x, y = self.centres[order % self.size], self.centres[order // self.size]
         detail = rng.random((33, 33))
-        colours = np.empty((flat.size, 3))
+        colours = np.empty((flat.size, 3), dtype=np.float32)
         for m, start, end in zip(self.materials, np.concatenate([[0], ends[:-1]]), ends):
             if end > start:
                 px, py = x[start:end], y[start:end]
                 w = _pattern_weight(m, px, py, detail)[:, None]
                 light = 1 + _value_noise(m.shading, px, py)[:, None]
                 colours[start:end] = ((1 - w) * m.colour + w * m.second) * light
-        image = np.empty((flat.size, 3))
+        image = np.empty((flat.size, 3), dtype=np.float32)
         image[order] = colours
         image = image.reshape(self.size, self.size, 3)
         seams = np.zeros((self.size, self.size), dtype=bool)
@@ -211,7 +212,7 @@ class Canvas:
         seams[:, 1:] |= self.material[:, 1:] != self.material[:, :-1]
         image[seams] *= 0.75
         image = _soften(image)
-        image += rng.normal(0, 0.015, image.shape)
+        image += 0.015 * rng.standard_normal(image.shape, dtype=np.float32)
         return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
