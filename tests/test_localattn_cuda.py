@@ -1,0 +1,255 @@
+"""CUDA kernels of the local attention op (csrc/localattn/cuda) against a dense float64 oracle.
+
+The oracle below builds the full [H*W, H*W] score matrix from pixel coordinates, straight from
+the contract in shared/design/local-attention.md, independently of the reference path and of the
+kernels' tiling. Every kernel error is compared with the error of the plain-PyTorch reference
+path in the same dtype: the kernel may be at most twice as far from the oracle, plus a few units
+of rounding of the largest value.
+
+All tests but the first need a GPU (marker `cuda`, skipped without one by conftest.py).
+"""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from localattn.functional import kernel_available, local_attention2d
+
+FORWARD = torch.ops.localattn.local_attention2d_forward
+BACKWARD = torch.ops.localattn.local_attention2d_backward
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+CONFIGS_PER_DTYPE = 100
+
+
+def test_cuda_build_registers_cuda_kernels():
+    """A localattn._C compiled with the CUDA sources has both ops under the CUDA key."""
+    import localattn._C as extension
+
+    if b"local_attention2d_forward_cuda" not in Path(extension.__file__).read_bytes():
+        pytest.skip("localattn._C was built without CUDA")
+    for op in ("localattn::local_attention2d_forward", "localattn::local_attention2d_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+
+
+def dense_oracle(q, k, v, rpb, block_size, scale, symmetric):
+    """(out, lse) of the contract, in float64, from a dense masked [H*W, H*W] attention."""
+    batch, height, width, heads, dim = q.shape
+    b, table = block_size, 4 * block_size - 1
+    q, k, v, rpb = (t.double() for t in (q, k, v, rpb))
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=q.device), torch.arange(width, device=q.device), indexing="ij"
+    )
+    ys, xs = ys.flatten(), xs.flatten()
+    dy, dx = ys[None, :] - ys[:, None], xs[None, :] - xs[:, None]  # key minus query
+    visible = ((ys[None, :] // b - ys[:, None] // b).abs() <= 1) & (
+        (xs[None, :] // b - xs[:, None] // b).abs() <= 1
+    )
+    if symmetric:
+        visible &= (dy.abs() <= b) & (dx.abs() <= b)
+    index = (dy + 2 * b - 1).clamp(0, table - 1) * table + (dx + 2 * b - 1).clamp(0, table - 1)
+    bias = rpb.flatten(1)[:, index]  # [heads, N, N]; clamped entries are masked below
+
+    def by_head(t):
+        return t.reshape(batch, height * width, heads, dim).transpose(1, 2)
+
+    scores = scale * by_head(q) @ by_head(k).transpose(-1, -2) + bias
+    scores = scores.masked_fill(~visible, float("-inf"))
+    out = scores.softmax(-1) @ by_head(v)
+    lse = scores.logsumexp(-1)
+    return (
+        out.transpose(1, 2).reshape(batch, height, width, heads, dim),
+        lse.transpose(1, 2).reshape(batch, height, width, heads),
+    )
+
+
+def random_inputs(shape, block_size, dtype, rpb_dtype=None, requires_grad=False, seed=0):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    table = 4 * block_size - 1
+
+    def draw(size, dt):
+        t = torch.randn(size, generator=generator, device="cuda", dtype=torch.float64).to(dt)
+        return t.requires_grad_(requires_grad)
+
+    q, k, v = (draw(shape, dtype) for _ in range(3))
+    rpb = draw((shape[3], table, table), rpb_dtype or dtype)
+    return q, k, v, rpb
+
+
+def grads(fn, inputs, grad_out):
+    """Gradients of <fn(*inputs), grad_out> with respect to every input."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    return out, torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+
+
+def max_error(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_as_close_as_reference(name, kernel, reference, oracle, dtype, context):
+    """Kernel error at most 2x the reference path's error, plus 4 units of rounding of the
+    largest value (the two may round the same float32 sum to neighbouring values)."""
+    kernel_error, reference_error = max_error(kernel, oracle), max_error(reference, oracle)
+    floor = 4 * torch.finfo(dtype).eps * (1 + oracle.abs().max().item())
+    assert kernel_error <= 2 * reference_error + floor, (
+        f"{name}: kernel error {kernel_error:.3g} vs reference error {reference_error:.3g} "
+        f"(floor {floor:.3g}) for {context}"
+    )
+
+
+def random_config(rng, dtype):
+    block_size = rng.choice((1, 2, 3, 4))
+    dims = (16, 32, 64) if dtype == torch.float64 and block_size == 4 else (16, 32, 64, 128)
+    return dict(
+        shape=(
+            rng.choice((1, 2)),
+            rng.randrange(1, 22, 2),
+            rng.randrange(1, 22, 2),
+            rng.randint(1, 4),
+            rng.choice(dims),
+        ),
+        block_size=block_size,
+        symmetric=rng.random() < 0.5,
+    )
+
+
+def check_against_oracle(shape, block_size, symmetric, dtype, seed, rpb_dtype=None):
+    q, k, v, rpb = random_inputs(shape, block_size, dtype, rpb_dtype, seed=seed)
+    scale = shape[-1] ** -0.5
+    context = f"shape={shape}, b={block_size}, symmetric={symmetric}, dtype={dtype}, seed={seed}"
+
+    def op(backend):
+        return lambda *t: local_attention2d(*t, block_size, scale, symmetric, backend=backend)
+
+    def oracle(*t):
+        return dense_oracle(*t, block_size, scale, symmetric)[0]
+
+    inputs = (q, k, v, rpb)
+    grad_out = torch.randn(shape, device="cuda", dtype=torch.float64).to(dtype)
+    kernel_out, kernel_grads = grads(op("kernel"), inputs, grad_out)
+    reference_out, reference_grads = grads(op("reference"), inputs, grad_out)
+    # The oracle gets float64 leaves, so that its gradients are not rounded to dtype.
+    oracle_out, oracle_grads = grads(oracle, [t.double() for t in inputs], grad_out)
+    assert kernel_out.dtype == dtype
+    assert_as_close_as_reference("out", kernel_out, reference_out, oracle_out, dtype, context)
+    for name, kernel, reference, expected in zip(
+        ("grad_q", "grad_k", "grad_v", "grad_rpb"), kernel_grads, reference_grads, oracle_grads
+    ):
+        assert kernel.dtype == reference.dtype
+        assert_as_close_as_reference(name, kernel, reference, expected, dtype, context)
+
+    _, lse = FORWARD(q, k, v, rpb, block_size, scale, symmetric)
+    oracle_lse = dense_oracle(q, k, v, rpb, block_size, scale, symmetric)[1]
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(lse.double(), oracle_lse, rtol=1e-5, atol=1e-5, msg=context)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_configurations_match_oracle(dtype):
+    assert kernel_available("cuda"), "localattn._C has no CUDA kernel: build with LOCALATTN_WITH_CUDA=1"
+    rng = random.Random(1234)
+    for seed in range(CONFIGS_PER_DTYPE):
+        check_against_oracle(**random_config(rng, dtype), dtype=dtype, seed=seed)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dim", (1, 5, 12, 24, 40, 96))
+def test_head_sizes_off_the_vector_path(dim):
+    """Head sizes that are not multiples of 8 take the scalar load path and zero padding."""
+    check_against_oracle((2, 9, 11, 2, dim), 2, False, torch.float32, seed=dim)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_large_image_uses_several_tiles():
+    """A 64 x 48 image at b = 4, D = 128: many tiles, shrunken tiles for shared memory."""
+    check_against_oracle((1, 64, 48, 2, 128), 4, False, torch.bfloat16, seed=7)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_float32_bias_table_with_low_precision_inputs(dtype):
+    q, k, v, rpb = random_inputs((2, 7, 9, 3, 32), 2, dtype, rpb_dtype=torch.float32, seed=3)
+    scale = 32**-0.5
+    out, lse = FORWARD(q, k, v, rpb, 2, scale, True)
+    rounded_table_out, _ = FORWARD(q, k, v, rpb.to(dtype), 2, scale, True)
+    expected, _ = dense_oracle(q, k, v, rpb, 2, scale, True)
+    # The float32 table is used unrounded, so the result is no further from the oracle.
+    floor = 4 * torch.finfo(dtype).eps * (1 + expected.abs().max().item())
+    assert max_error(out, expected) <= max_error(rounded_table_out, expected) + floor
+    grad_out = torch.randn_like(q)
+    grad_rpb = BACKWARD(grad_out, q, k, v, rpb, out, lse, 2, scale, True)[3]
+    assert grad_rpb.dtype == torch.float32
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("symmetric", (False, True))
+@pytest.mark.parametrize("block_size", (1, 2, 3, 4))
+def test_gradcheck_float64(block_size, symmetric):
+    inputs = random_inputs((1, 5, 7, 2, 5), block_size, torch.float64, requires_grad=True, seed=11)
+    assert torch.autograd.gradcheck(
+        lambda *t: local_attention2d(*t, block_size, 0.7, symmetric, backend="kernel"), inputs
+    )
+
+
+@pytest.mark.cuda
+def test_misaligned_and_strided_inputs():
+    """Inputs that start off a 16-byte boundary, or are not contiguous, give the same result."""
+    shape = (1, 10, 6, 2, 16)
+    q, k, v, rpb = random_inputs(shape, 2, torch.float16, seed=5)
+    expected, _ = FORWARD(q, k, v, rpb, 2, 0.25, False)
+    storage = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)
+    shifted = storage[1:].view(shape).copy_(q)
+    assert shifted.data_ptr() % 16 != 0
+    strided = torch.empty(shape[:-1] + (2 * shape[-1],), device="cuda", dtype=q.dtype)[..., ::2]
+    strided.copy_(k)
+    torch.testing.assert_close(FORWARD(shifted, k, v, rpb, 2, 0.25, False)[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(FORWARD(q, strided, v, rpb, 2, 0.25, False)[0], expected, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_empty_batch():
+    q, k, v, rpb = random_inputs((0, 4, 4, 2, 16), 2, torch.float32)
+    out, lse = FORWARD(q, k, v, rpb, 2, 0.25, False)
+    assert out.shape == q.shape and lse.shape == q.shape[:4]
+    grad_rpb = BACKWARD(out, q, k, v, rpb, out, lse, 2, 0.25, False)[3]
+    assert torch.equal(grad_rpb, torch.zeros_like(rpb))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_opcheck(dtype):
+    q, k, v, rpb = random_inputs((2, 6, 5, 2, 16), 2, dtype, seed=2)
+    out, lse = FORWARD(q, k, v, rpb, 2, 0.25, True)
+    torch.library.opcheck(FORWARD, (q, k, v, rpb, 2, 0.25, True))
+    torch.library.opcheck(BACKWARD, (torch.randn_like(out), q, k, v, rpb, out, lse, 2, 0.25, True))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "name, bad, error, message",
+    [
+        ("block_size", lambda args: 5, ValueError, "block_size"),
+        ("rpb", lambda args: args["rpb"][:, :3, :3], ValueError, "rpb must be"),
+        ("k", lambda args: args["k"].double(), TypeError, "dtype of q"),
+        ("v", lambda args: args["v"][:, :, :3], ValueError, "shape of q"),
+        ("rpb", lambda args: args["rpb"].cpu(), ValueError, "device"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(name, bad, error, message):
+    args = dict(zip(("q", "k", "v", "rpb"), random_inputs((1, 4, 4, 2, 8), 2, torch.float32)))
+    args["block_size"] = 2
+    args[name] = bad(args)
+    with pytest.raises(error, match=message):
+        FORWARD(args["q"], args["k"], args["v"], args["rpb"], args["block_size"], 0.3, False)
+
+
+@pytest.mark.cuda
+def test_head_size_beyond_shared_memory_raises():
+    q, k, v, rpb = random_inputs((1, 8, 8, 1, 128), 4, torch.float64)
+    with pytest.raises(ValueError, match="shared memory"):
+        FORWARD(q, k, v, rpb, 4, 0.1, False)
