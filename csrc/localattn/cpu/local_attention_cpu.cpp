@@ -22,6 +22,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -56,11 +58,18 @@ struct Window {
   int64_t y0, y1, x0, x1;
 };
 
+// The keys of every query of block (block_row, block_col): the 3x3 neighbouring blocks, clipped
+// to the image.
+LOCALATTN_INLINE Window block_window(const Geometry& g, int64_t block_row, int64_t block_col) {
+  const int64_t b = g.block;
+  return Window{std::max<int64_t>(0, (block_row - 1) * b), std::min(g.height, (block_row + 2) * b),
+                std::max<int64_t>(0, (block_col - 1) * b), std::min(g.width, (block_col + 2) * b)};
+}
+
+// The keys of query (y, x): its block's window, and if symmetric only those within b pixels.
 LOCALATTN_INLINE Window key_window(const Geometry& g, int64_t y, int64_t x) {
   const int64_t b = g.block;
-  const int64_t block_y = y / b * b, block_x = x / b * b;
-  Window w{std::max<int64_t>(0, block_y - b), std::min(g.height, block_y + 2 * b),
-           std::max<int64_t>(0, block_x - b), std::min(g.width, block_x + 2 * b)};
+  Window w = block_window(g, y / b, x / b);
   if (g.symmetric) {
     w.y0 = std::max(w.y0, y - b);
     w.y1 = std::min(w.y1, y + b + 1);
@@ -70,34 +79,201 @@ LOCALATTN_INLINE Window key_window(const Geometry& g, int64_t y, int64_t x) {
   return w;
 }
 
-template <typename acc_t, typename scalar_t>
-LOCALATTN_INLINE acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
+// The vector loops below run over whole groups of kLanes elements (buffers are padded), so the
+// compiler emits straight SIMD code without remainder loops.
+constexpr int64_t kLanes = 8;
+
+LOCALATTN_INLINE int64_t round_up(int64_t n, int64_t multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
+
+// y[i] += alpha * x[i]; n is a multiple of kLanes.
+template <typename acc_t>
+LOCALATTN_INLINE void axpy_lanes(acc_t* y, acc_t alpha, const acc_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; i += kLanes) {
+#pragma omp simd
+    for (int64_t t = 0; t < kLanes; ++t) y[i + t] += alpha * x[i + t];
+  }
+}
+
+// <a, b>; n is a multiple of kLanes.
+template <typename acc_t>
+LOCALATTN_INLINE acc_t dot_lanes(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t partial[kLanes] = {};
+  for (int64_t i = 0; i < n; i += kLanes) {
+#pragma omp simd
+    for (int64_t t = 0; t < kLanes; ++t) partial[t] += a[i + t] * b[i + t];
+  }
   acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * static_cast<acc_t>(b[i]);
+  for (int64_t t = 0; t < kLanes; ++t) sum += partial[t];
   return sum;
 }
 
-// y += alpha * x
-template <typename acc_t, typename scalar_t>
-LOCALATTN_INLINE void axpy(acc_t* y, acc_t alpha, const scalar_t* x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<acc_t>(x[i]);
+// y[i] += x[i] for a short run of any length.
+template <typename acc_t>
+LOCALATTN_INLINE void add(acc_t* y, const acc_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
 template <typename acc_t, typename scalar_t>
-LOCALATTN_INLINE void load(acc_t* dst, const scalar_t* src, acc_t factor, int64_t n) {
+LOCALATTN_INLINE void load_scaled(acc_t* dst, const scalar_t* src, acc_t factor, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = factor * static_cast<acc_t>(src[i]);
 }
 
+// exp(x) for x <= 0 (tiny positive x from rounding is fine), written so that it vectorises
+// (std::exp does not without -ffast-math): x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor
+// polynomial of degree 6 (relative error ~1e-7), 2^n through the exponent bits. Below -87 a
+// float exp underflows; those (and the -inf of masked keys) give 0.
+LOCALATTN_INLINE float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.0f);
+  const int32_t n = static_cast<int32_t>(clamped * 1.44269504088896341f - 0.5f);
+  const float r = clamped - static_cast<float>(n) * 0.693145751953125f -
+      static_cast<float>(n) * 1.42860682030941723e-6f;
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float two_to_n = std::bit_cast<float>((n + 127) << 23);
+  return x < -87.0f ? 0.0f : p * two_to_n;
+}
+
+LOCALATTN_INLINE double exp_nonpositive(double x) { return std::exp(x); }
+
+// p[i] = exp(s[i] - shift) in place; returns the sum. n is a multiple of kLanes.
+template <typename acc_t>
+LOCALATTN_INLINE acc_t exp_shifted(acc_t* s, acc_t shift, int64_t n) {
+  acc_t partial[kLanes] = {};
+  for (int64_t i = 0; i < n; i += kLanes) {
+#pragma omp simd
+    for (int64_t t = 0; t < kLanes; ++t) {
+      s[i + t] = exp_nonpositive(s[i + t] - shift);
+      partial[t] += s[i + t];
+    }
+  }
+  acc_t sum = 0;
+  for (int64_t t = 0; t < kLanes; ++t) sum += partial[t];
+  return sum;
+}
+
+// The keys (or values) of one block row's key rows y0 <= ky < y0 + rows, all columns, transposed
+// to [D][stride] with key (ky, kx) at column kx * rows + (ky - y0). The window of block column X
+// is then the contiguous run [x0 * rows, x1 * rows): one gather per block row serves all its
+// blocks, and every loop over keys is contiguous and needs no horizontal sums.
+template <typename acc_t>
+struct Strip {
+  int64_t y0 = 0, rows = 0, stride;
+  std::vector<acc_t> data;
+
+  explicit Strip(const Geometry& g)
+      : stride(round_up(g.width * 3 * g.block + kLanes, kLanes)), data(g.dim * stride) {}
+  acc_t* feature(int64_t d) { return data.data() + d * stride; }
+  const acc_t* feature(int64_t d) const { return data.data() + d * stride; }
+
+  // Copies rows [window.y0, window.y1) of one (batch, head) of src; zeroes the tail that padded
+  // loops read past the last column.
+  template <typename scalar_t>
+  LOCALATTN_INLINE void gather(const scalar_t* src, const Geometry& g, int64_t n, int64_t h,
+                               const Window& window) {
+    y0 = window.y0;
+    rows = window.y1 - window.y0;
+    for (int64_t kx = 0; kx < g.width; ++kx) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* key = src + g.pixel(n, y0 + r, kx) + h * g.dim;
+        for (int64_t d = 0; d < g.dim; ++d) data[d * stride + kx * rows + r] = key[d];
+      }
+    }
+    for (int64_t d = 0; d < g.dim; ++d) {
+      std::fill(feature(d) + g.width * rows, feature(d) + stride, acc_t(0));
+    }
+  }
+
+  // dst[key][d] += strip entry of that key: the inverse of gather, for gradients.
+  LOCALATTN_INLINE void scatter_add(acc_t* dst, const Geometry& g, int64_t n, int64_t h) const {
+    for (int64_t kx = 0; kx < g.width; ++kx) {
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t* key = dst + g.pixel(n, y0 + r, kx) + h * g.dim;
+        for (int64_t d = 0; d < g.dim; ++d) key[d] += data[d * stride + kx * rows + r];
+      }
+    }
+  }
+
+  LOCALATTN_INLINE void zero() { std::fill(data.begin(), data.end(), acc_t(0)); }
+};
+
+// One query and the keys of its block's window (a run of a Strip).
+struct QueryAt {
+  int64_t y, x;         // the query pixel
+  int64_t x0, x1;       // the window's key columns
+  int64_t start, count, padded;  // its run in the strip, and the run rounded up to kLanes
+
+  LOCALATTN_INLINE QueryAt(const Geometry& g, int64_t rows, int64_t y_, int64_t x_)
+      : y(y_), x(x_) {
+    const Window block = block_window(g, y / g.block, x / g.block);
+    x0 = block.x0;
+    x1 = block.x1;
+    start = x0 * rows;
+    count = (x1 - x0) * rows;
+    padded = round_up(count, kLanes);
+  }
+};
+
+// Column of the transposed bias table [(4b-1) x-offsets][(4b-1) y-offsets] holding key (y0, kx)
+// seen from query (y, x); the keys below it in the strip follow contiguously.
+LOCALATTN_INLINE int64_t bias_column(const Geometry& g, const QueryAt& qa, int64_t y0, int64_t kx) {
+  const int64_t centre = 2 * g.block - 1;
+  return (kx - qa.x + centre) * g.table + (y0 - qa.y + centre);
+}
+
+// scores[j] = <q_scaled, key j> + bias for the window's keys, -inf for keys the symmetric mask
+// removes and for the padding. Returns the largest score.
+template <typename acc_t>
+LOCALATTN_INLINE acc_t query_scores(acc_t* scores, const acc_t* q_scaled, const Strip<acc_t>& keys,
+                                    const acc_t* bias_t, const Geometry& g, const QueryAt& qa) {
+  constexpr acc_t minus_inf = -std::numeric_limits<acc_t>::infinity();
+  std::fill(scores, scores + qa.padded, acc_t(0));
+  for (int64_t d = 0; d < g.dim; ++d) {
+    axpy_lanes(scores, q_scaled[d], keys.feature(d) + qa.start, qa.padded);
+  }
+  const Window own = key_window(g, qa.y, qa.x);
+  for (int64_t kx = qa.x0; kx < qa.x1; ++kx) {
+    acc_t* column = scores + (kx - qa.x0) * keys.rows;
+    add(column, bias_t + bias_column(g, qa, keys.y0, kx), keys.rows);
+    if (kx < own.x0 || kx >= own.x1) {
+      std::fill(column, column + keys.rows, minus_inf);
+    } else {
+      std::fill(column, column + (own.y0 - keys.y0), minus_inf);
+      std::fill(column + (own.y1 - keys.y0), column + keys.rows, minus_inf);
+    }
+  }
+  std::fill(scores + qa.count, scores + qa.padded, minus_inf);
+  acc_t max_score = minus_inf;
+  for (int64_t j = 0; j < qa.count; ++j) max_score = std::max(max_score, scores[j]);
+  return max_score;
+}
+
+// Which (batch, block row, head) a work item is; block rows are first_row + k * row_step.
+struct Item {
+  int64_t n, block_row, h;
+};
+
+LOCALATTN_INLINE Item item_at(const Geometry& g, int64_t item, int64_t rows, int64_t first_row,
+                              int64_t row_step) {
+  return Item{item / g.heads / rows, first_row + row_step * (item / g.heads % rows), item % g.heads};
+}
+
 template <typename scalar_t>
 struct ForwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
   Geometry g;
-  const scalar_t *q, *k, *v, *rpb;
+  const scalar_t *q, *k, *v;
+  const acc_t* bias_t;  // rpb transposed to [heads, x-offset, y-offset]
   scalar_t* out;
-  at::opmath_type<scalar_t>* lse;
-  at::opmath_type<scalar_t> scale;
+  acc_t* lse;
+  acc_t scale;
 };
 
 // Forward of the queries of items [begin, end), an item being (batch, block row, head).
@@ -105,43 +281,27 @@ template <typename scalar_t>
 LOCALATTN_INLINE void forward_items(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
-  const int64_t D = g.dim, b = g.block, T = g.table;
-  std::vector<acc_t> scores(9 * b * b), q_scaled(D), acc(D);
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t h = item % g.heads;
-    const int64_t block_row = item / g.heads % g.block_rows();
-    const int64_t n = item / g.heads / g.block_rows();
-    const scalar_t* bias = a.rpb + h * T * T;
-    for (int64_t y = block_row * b; y < std::min(g.height, (block_row + 1) * b); ++y) {
+  const int64_t D = g.dim, b = g.block;
+  Strip<acc_t> keys(g), values(g);
+  std::vector<acc_t> probs(keys.stride), q_scaled(D);
+  for (int64_t index = begin; index < end; ++index) {
+    const Item it = item_at(g, index, g.block_rows(), 0, 1);
+    const Window rows = block_window(g, it.block_row, 0);
+    keys.gather(a.k, g, it.n, it.h, rows);
+    values.gather(a.v, g, it.n, it.h, rows);
+    const acc_t* bias_t = a.bias_t + it.h * g.table * g.table;
+    for (int64_t y = it.block_row * b; y < std::min(g.height, (it.block_row + 1) * b); ++y) {
       for (int64_t x = 0; x < g.width; ++x) {
-        const int64_t query = g.pixel(n, y, x) + h * D;
-        const Window w = key_window(g, y, x);
-        load(q_scaled.data(), a.q + query, a.scale, D);
-        acc_t max_score = -std::numeric_limits<acc_t>::infinity();
-        int64_t count = 0;
-        for (int64_t ky = w.y0; ky < w.y1; ++ky) {
-          const scalar_t* bias_row = bias + (ky - y + 2 * b - 1) * T + 2 * b - 1 - x;
-          for (int64_t kx = w.x0; kx < w.x1; ++kx) {
-            const acc_t s = dot(q_scaled.data(), a.k + g.pixel(n, ky, kx) + h * D, D) +
-                static_cast<acc_t>(bias_row[kx]);
-            scores[count++] = s;
-            max_score = std::max(max_score, s);
-          }
-        }
-        acc_t sum = 0;
-        for (int64_t i = 0; i < count; ++i) {
-          scores[i] = std::exp(scores[i] - max_score);
-          sum += scores[i];
-        }
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        count = 0;
-        for (int64_t ky = w.y0; ky < w.y1; ++ky) {
-          for (int64_t kx = w.x0; kx < w.x1; ++kx) {
-            axpy(acc.data(), scores[count++], a.v + g.pixel(n, ky, kx) + h * D, D);
-          }
-        }
+        const QueryAt qa(g, keys.rows, y, x);
+        const int64_t query = g.pixel(it.n, y, x) + it.h * D;
+        load_scaled(q_scaled.data(), a.q + query, a.scale, D);
+        const acc_t max_score = query_scores(probs.data(), q_scaled.data(), keys, bias_t, g, qa);
+        const acc_t sum = exp_shifted(probs.data(), max_score, qa.padded);
         const acc_t inv_sum = acc_t(1) / sum;
-        for (int64_t d = 0; d < D; ++d) a.out[query + d] = static_cast<scalar_t>(acc[d] * inv_sum);
+        for (int64_t d = 0; d < D; ++d) {
+          const acc_t o = dot_lanes(probs.data(), values.feature(d) + qa.start, qa.padded);
+          a.out[query + d] = static_cast<scalar_t>(o * inv_sum);
+        }
         a.lse[query / D] = max_score + std::log(sum);
       }
     }
@@ -152,12 +312,58 @@ template <typename scalar_t>
 struct BackwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
   Geometry g;
-  const scalar_t *grad_out, *q, *k, *v, *rpb, *out;
+  const scalar_t *grad_out, *q, *k, *v, *out;
+  const acc_t* bias_t;  // rpb transposed to [heads, x-offset, y-offset]
   const acc_t* lse;
   acc_t scale;
   acc_t *grad_q, *grad_k, *grad_v;  // accumulated in acc_t, cast by the caller
-  acc_t* grad_rpb;                  // one [heads, T, T] table per thread
+  acc_t* grad_bias_t;               // one transposed [heads, T, T] table per thread
 };
+
+// Per-thread buffers of the backward.
+template <typename acc_t>
+struct BackwardWorkspace {
+  Strip<acc_t> keys, values, grad_keys, grad_values;
+  std::vector<acc_t> probs, grad_scores, q_scaled, grad_o;
+
+  explicit BackwardWorkspace(const Geometry& g)
+      : keys(g), values(g), grad_keys(g), grad_values(g), probs(keys.stride),
+        grad_scores(keys.stride), q_scaled(g.dim), grad_o(g.dim) {}
+};
+
+// Backward of one query: writes dq, accumulates dk and dv into the workspace strips and dS
+// into the (transposed) bias gradient of the head.
+template <typename scalar_t>
+LOCALATTN_INLINE void backward_query(const BackwardArgs<scalar_t>& a,
+                                     BackwardWorkspace<at::opmath_type<scalar_t>>& ws,
+                                     const Item& it, const QueryAt& qa,
+                                     at::opmath_type<scalar_t>* grad_bias_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.g;
+  const int64_t D = g.dim, n = qa.padded;
+  const int64_t query = g.pixel(it.n, qa.y, qa.x) + it.h * D;
+  load_scaled(ws.q_scaled.data(), a.q + query, a.scale, D);
+  load_scaled(ws.grad_o.data(), a.grad_out + query, acc_t(1), D);
+  acc_t delta = 0;  // rowsum(dO * O)
+  for (int64_t d = 0; d < D; ++d) delta += ws.grad_o[d] * static_cast<acc_t>(a.out[query + d]);
+  acc_t* probs = ws.probs.data();
+  acc_t* grad_s = ws.grad_scores.data();
+  query_scores(probs, ws.q_scaled.data(), ws.keys, a.bias_t + it.h * g.table * g.table, g, qa);
+  exp_shifted(probs, a.lse[query / D], n);
+  std::fill(grad_s, grad_s + n, acc_t(0));
+  for (int64_t d = 0; d < D; ++d) axpy_lanes(grad_s, ws.grad_o[d], ws.values.feature(d) + qa.start, n);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) grad_s[j] = probs[j] * (grad_s[j] - delta);
+  for (int64_t d = 0; d < D; ++d) {
+    axpy_lanes(ws.grad_values.feature(d) + qa.start, ws.grad_o[d], probs, n);
+    axpy_lanes(ws.grad_keys.feature(d) + qa.start, ws.q_scaled[d], grad_s, n);
+    a.grad_q[query + d] = a.scale * dot_lanes(grad_s, ws.keys.feature(d) + qa.start, n);
+  }
+  for (int64_t kx = qa.x0; kx < qa.x1; ++kx) {
+    add(grad_bias_t + bias_column(g, qa, ws.keys.y0, kx), grad_s + (kx - qa.x0) * ws.keys.rows,
+        ws.keys.rows);
+  }
+}
 
 // Backward of the queries of items [begin, end) of the block rows `phase, phase + 3, ...`.
 template <typename scalar_t>
@@ -165,42 +371,26 @@ LOCALATTN_INLINE void backward_items(
     const BackwardArgs<scalar_t>& a, int64_t phase, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
-  const int64_t D = g.dim, b = g.block, T = g.table;
+  const int64_t b = g.block, table_size = g.table * g.table;
   const int64_t rows_in_phase = (g.block_rows() - phase + 2) / 3;
-  acc_t* grad_rpb = a.grad_rpb + at::get_thread_num() * g.heads * T * T;
-  std::vector<acc_t> q_scaled(D), grad_o(D), grad_q(D);
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t h = item % g.heads;
-    const int64_t block_row = phase + 3 * (item / g.heads % rows_in_phase);
-    const int64_t n = item / g.heads / rows_in_phase;
-    const scalar_t* bias = a.rpb + h * T * T;
-    acc_t* grad_bias = grad_rpb + h * T * T;
-    for (int64_t y = block_row * b; y < std::min(g.height, (block_row + 1) * b); ++y) {
+  acc_t* grad_bias_t = a.grad_bias_t + at::get_thread_num() * g.heads * table_size;
+  BackwardWorkspace<acc_t> ws(g);
+  for (int64_t index = begin; index < end; ++index) {
+    const Item it = item_at(g, index, rows_in_phase, phase, 3);
+    const Window rows = block_window(g, it.block_row, 0);
+    ws.keys.gather(a.k, g, it.n, it.h, rows);
+    ws.values.gather(a.v, g, it.n, it.h, rows);
+    ws.grad_keys.zero();
+    ws.grad_values.zero();
+    ws.grad_keys.y0 = ws.grad_values.y0 = ws.keys.y0;
+    ws.grad_keys.rows = ws.grad_values.rows = ws.keys.rows;
+    for (int64_t y = it.block_row * b; y < std::min(g.height, (it.block_row + 1) * b); ++y) {
       for (int64_t x = 0; x < g.width; ++x) {
-        const int64_t query = g.pixel(n, y, x) + h * D;
-        const Window w = key_window(g, y, x);
-        load(q_scaled.data(), a.q + query, a.scale, D);
-        load(grad_o.data(), a.grad_out + query, acc_t(1), D);
-        std::fill(grad_q.begin(), grad_q.end(), acc_t(0));
-        const acc_t delta = dot(grad_o.data(), a.out + query, D);
-        const acc_t lse = a.lse[query / D];
-        for (int64_t ky = w.y0; ky < w.y1; ++ky) {
-          const int64_t offset_row = (ky - y + 2 * b - 1) * T + 2 * b - 1 - x;
-          for (int64_t kx = w.x0; kx < w.x1; ++kx) {
-            const int64_t key = g.pixel(n, ky, kx) + h * D;
-            const acc_t s = dot(q_scaled.data(), a.k + key, D) +
-                static_cast<acc_t>(bias[offset_row + kx]);
-            const acc_t p = std::exp(s - lse);
-            const acc_t grad_s = p * (dot(grad_o.data(), a.v + key, D) - delta);
-            axpy(a.grad_v + key, p, grad_o.data(), D);
-            axpy(a.grad_k + key, grad_s, q_scaled.data(), D);
-            axpy(grad_q.data(), grad_s, a.k + key, D);
-            grad_bias[offset_row + kx] += grad_s;
-          }
-        }
-        load(a.grad_q + query, grad_q.data(), a.scale, D);
+        backward_query(a, ws, it, QueryAt(g, ws.keys.rows, y, x), grad_bias_t + it.h * table_size);
       }
     }
+    ws.grad_keys.scatter_add(a.grad_k, g, it.n, it.h);
+    ws.grad_values.scatter_add(a.grad_v, g, it.n, it.h);
   }
 }
 
@@ -271,6 +461,12 @@ at::ScalarType lse_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// rpb [heads, y-offset, x-offset] in the accumulation dtype, as [heads, x-offset, y-offset]: the
+// kernels walk keys down the columns of a window.
+at::Tensor transposed_bias(const at::Tensor& rpb) {
+  return rpb.to(lse_dtype(rpb.scalar_type())).transpose(1, 2).contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& v, const at::Tensor& rpb,
                                                int64_t block_size, double scale, bool symmetric) {
@@ -283,8 +479,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
                                   "local_attention2d_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor bias_t = transposed_bias(rpb);
     const ForwardArgs<scalar_t> args{g, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                     v.data_ptr<scalar_t>(), rpb.data_ptr<scalar_t>(),
+                                     v.data_ptr<scalar_t>(), bias_t.data_ptr<acc_t>(),
                                      out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
                                      static_cast<acc_t>(scale)};
     at::parallel_for(0, g.batch * g.block_rows() * g.heads, 1, [&](int64_t begin, int64_t end) {
@@ -316,16 +513,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   at::Tensor grad_k = at::zeros(q.sizes(), acc_options);
   at::Tensor grad_v = at::zeros(q.sizes(), acc_options);
   const int64_t threads = at::get_num_threads();
-  at::Tensor grad_rpb_per_thread = at::zeros({threads, g.heads, g.table, g.table}, acc_options);
+  at::Tensor grad_bias_t_per_thread = at::zeros({threads, g.heads, g.table, g.table}, acc_options);
   if (q.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
                                     "local_attention2d_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      const at::Tensor bias_t = transposed_bias(rpb);
       const BackwardArgs<scalar_t> args{
           g, grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-          v.data_ptr<scalar_t>(), rpb.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+          v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), bias_t.data_ptr<acc_t>(),
           lse.data_ptr<acc_t>(), static_cast<acc_t>(scale), grad_q.data_ptr<acc_t>(),
-          grad_k.data_ptr<acc_t>(), grad_v.data_ptr<acc_t>(), grad_rpb_per_thread.data_ptr<acc_t>()};
+          grad_k.data_ptr<acc_t>(), grad_v.data_ptr<acc_t>(), grad_bias_t_per_thread.data_ptr<acc_t>()};
       for (int64_t phase = 0; phase < std::min<int64_t>(3, g.block_rows()); ++phase) {
         const int64_t rows_in_phase = (g.block_rows() - phase + 2) / 3;
         at::parallel_for(0, g.batch * rows_in_phase * g.heads, 1, [&](int64_t begin, int64_t end) {
@@ -336,7 +534,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   }
   const auto dtype = q.scalar_type();
   return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype),
-          grad_rpb_per_thread.sum(0).to(dtype)};
+          grad_bias_t_per_thread.sum(0).transpose(1, 2).contiguous().to(dtype)};
 }
 
 }  // namespace
