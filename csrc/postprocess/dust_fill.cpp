@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -19,17 +20,20 @@ namespace {
 constexpr int32_t kNoNeighbour = -2;  // no 4-neighbour belongs to a mask yet
 constexpr int32_t kNoMatch = -1;      // neighbours in masks, none close enough
 
+// A pixel waiting for a mask: its position, where its probabilities were copied, its patience.
 struct Pending {
   int32_t y, x;
+  int64_t slot;
   double patience;
 };
 
 // Scales `values` to sum 1, or to zeros when they sum to 0.
-void normalize(const double* values, int64_t n, double* out) {
+template <typename value_t>
+void normalize(const value_t* values, int64_t n, double* out) {
   double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) total += values[i];
+  for (int64_t i = 0; i < n; ++i) total += static_cast<double>(values[i]);
   const double inverse = total > 0.0 ? 1.0 / total : 0.0;
-  for (int64_t i = 0; i < n; ++i) out[i] = values[i] * inverse;
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(values[i]) * inverse;
 }
 
 double l1_distance(const double* a, const double* b, int64_t n) {
@@ -43,10 +47,10 @@ class DustFill {
  public:
   DustFill(const prob_t* probs, const int32_t* regions, int64_t num_labels, int64_t height, int64_t width)
       : probs_(probs), L_(num_labels), H_(height), W_(width), HW_(height * width),
-        mapping_(regions, regions + height * width), pixel_(num_labels), pixel_raw_(num_labels) {
+        mapping_(regions, regions + height * width), pixel_(num_labels) {
     M_ = count_masks(regions);
     stats_.assign((M_ + L_) * L_, 0.0);
-    accumulate_region_stats(regions);
+    read_probabilities(regions);
     for (int64_t l = 0; l < L_; ++l) stats_[(M_ + l) * L_ + l] = 1.0;
     normalized_.assign(stats_.size(), 0.0);
     fresh_.assign(M_ + L_, 0);
@@ -60,13 +64,14 @@ class DustFill {
     std::vector<Pending> swap;
     while (!stack.empty()) {
       while (!stack.empty()) {
-        const Pending item = stack.back();
+        Pending item = stack.back();
         stack.pop_back();
         const int32_t mask = closest_mask(item, join_threshold);
         if (mask == kNoNeighbour) {
           swap.push_back(item);
         } else if (mask == kNoMatch) {
-          swap.push_back({item.y, item.x, item.patience * impatience});
+          item.patience *= impatience;
+          swap.push_back(item);
         } else {
           join(item, mask);
         }
@@ -89,43 +94,78 @@ class DustFill {
   }
 
  private:
-  int64_t count_masks(const int32_t* regions) const {
-    int32_t largest = -1;
+  // Validates the ids, counts the regions and lists the unassigned pixels in scan order.
+  int64_t count_masks(const int32_t* regions) {
+    int32_t largest = -1, smallest = -1;
     for (int64_t p = 0; p < HW_; ++p) {
-      TORCH_CHECK_VALUE(
-          regions[p] >= -1 && regions[p] < HW_,
-          "regions: expected ids in [-1, H*W) (-1 = unassigned), got ", regions[p]);
       largest = std::max(largest, regions[p]);
+      smallest = std::min(smallest, regions[p]);
+      if (regions[p] < 0) unassigned_.push_back(p);
     }
+    TORCH_CHECK_VALUE(
+        smallest >= -1 && largest < HW_, "regions: expected ids in [-1, H*W) (-1 = unassigned), got ids from ",
+        smallest, " to ", largest);
     return static_cast<int64_t>(largest) + 1;
   }
 
-  // Per region, per label, the sum of probabilities over its pixels in scan order.
-  void accumulate_region_stats(const int32_t* regions) {
-    for (int64_t p = 0; p < HW_; ++p) {
-      if (regions[p] < 0) continue;
-      double* s = &stats_[regions[p] * L_];
-      for (int64_t l = 0; l < L_; ++l) s[l] += checked_probability(probs_[l * HW_ + p]);
-    }
+  // One streaming pass over the label planes, in blocks of labels: sums each region's
+  // probabilities per label in scan order, and copies the unassigned pixels' probabilities next
+  // to each other (the only ones read again, and read whole), validating every value.
+  void read_probabilities(const int32_t* regions) {
+    constexpr int64_t kBlock = 8;
+    unassigned_probs_.resize(unassigned_.size() * L_);
+    bool valid = true;
+    int64_t l = 0;
+    for (; l + kBlock <= L_; l += kBlock) valid &= read_label_block<kBlock>(regions, l);
+    for (; l < L_; ++l) valid &= read_label_block<1>(regions, l);
+    check_probabilities(valid);
   }
+
+  // Region sums stay in registers along each run of one region.
+  template <int64_t kBlock>
+  bool read_label_block(const int32_t* regions, int64_t first_label) {
+    const prob_t* planes = probs_ + first_label * HW_;
+    prob_t* copy = unassigned_probs_.data() + first_label;
+    bool valid = true;
+    int64_t p = 0;
+    while (p < HW_) {
+      const int32_t k = regions[p];
+      if (k < 0) {
+        for (int64_t j = 0; j < kBlock; ++j) copy[j] = planes[j * HW_ + p], valid &= is_probability(copy[j]);
+        copy += L_;
+        ++p;
+        continue;
+      }
+      double* s = &stats_[k * L_ + first_label];
+      double sum[kBlock];
+      for (int64_t j = 0; j < kBlock; ++j) sum[j] = s[j];
+      for (; p < HW_ && regions[p] == k; ++p) {
+        for (int64_t j = 0; j < kBlock; ++j) {
+          const prob_t v = planes[j * HW_ + p];
+          valid &= is_probability(v);
+          sum[j] += static_cast<double>(v);
+        }
+      }
+      for (int64_t j = 0; j < kBlock; ++j) s[j] = sum[j];
+    }
+    return valid;
+  }
+
+  const prob_t* unassigned_probs(int64_t slot) const { return unassigned_probs_.data() + slot * L_; }
 
   // First pass: unmapped pixels whose most probable label reaches its threshold join that label's
   // mask; the others are stacked, in scan order, with patience 1.
   std::vector<Pending> promote_confident_pixels(const double* new_threshold) {
     std::vector<Pending> stack;
-    for (int64_t p = 0; p < HW_; ++p) {
-      if (mapping_[p] >= 0) continue;
-      int64_t label = 0;
-      double best = checked_probability(probs_[p]);
-      for (int64_t l = 1; l < L_; ++l) {
-        const double v = checked_probability(probs_[l * HW_ + p]);
-        if (v > best) best = v, label = l;
-      }
-      if (best >= new_threshold[label]) {
+    for (int64_t slot = 0; slot < static_cast<int64_t>(unassigned_.size()); ++slot) {
+      const prob_t* v = unassigned_probs(slot);
+      const int64_t label = std::max_element(v, v + L_) - v;  // the first maximum
+      const int64_t p = unassigned_[slot];
+      if (static_cast<double>(v[label]) >= new_threshold[label]) {
         mapping_[p] = static_cast<int32_t>(M_ + label);
         ++promoted_;
       } else {
-        stack.push_back({static_cast<int32_t>(p / W_), static_cast<int32_t>(p % W_), 1.0});
+        stack.push_back({static_cast<int32_t>(p / W_), static_cast<int32_t>(p % W_), slot, 1.0});
       }
     }
     return stack;
@@ -146,7 +186,7 @@ class DustFill {
       const int32_t m = mapping_[static_cast<int64_t>(ys[i]) * W_ + xs[i]];
       if (m < 0 || std::find(seen, seen + n_seen, m) != seen + n_seen) continue;
       if (n_seen == 0) {
-        normalize_pixel(static_cast<int64_t>(item.y) * W_ + item.x);
+        normalize(unassigned_probs(item.slot), L_, pixel_.data());
         mask = kNoMatch;
       }
       seen[n_seen++] = m;
@@ -157,17 +197,12 @@ class DustFill {
   }
 
   void join(const Pending& item, int32_t mask) {
-    const int64_t p = static_cast<int64_t>(item.y) * W_ + item.x;
-    mapping_[p] = mask;
+    mapping_[static_cast<int64_t>(item.y) * W_ + item.x] = mask;
     if (mask >= M_) return;  // promoted masks keep their one-hot statistics
     double* s = &stats_[mask * L_];
-    for (int64_t l = 0; l < L_; ++l) s[l] += static_cast<double>(probs_[l * HW_ + p]);
+    const prob_t* v = unassigned_probs(item.slot);
+    for (int64_t l = 0; l < L_; ++l) s[l] += static_cast<double>(v[l]);
     fresh_[mask] = 0;
-  }
-
-  void normalize_pixel(int64_t p) {
-    for (int64_t l = 0; l < L_; ++l) pixel_raw_[l] = static_cast<double>(probs_[l * HW_ + p]);
-    normalize(pixel_raw_.data(), L_, pixel_.data());
   }
 
   // Normalized statistics of mask k, recomputed only after the mask has grown.
@@ -185,24 +220,42 @@ class DustFill {
   int64_t M_ = 0;
   int64_t promoted_ = 0;
   std::vector<int32_t> mapping_;
+  std::vector<int64_t> unassigned_;     // pixel index of each slot, in scan order
+  std::vector<prob_t> unassigned_probs_;  // [slot][label]
   std::vector<double> stats_, normalized_;
   std::vector<uint8_t> fresh_;
-  std::vector<double> pixel_, pixel_raw_;
+  std::vector<double> pixel_;
 };
 
 }  // namespace
 
+// In chunks of pixels small enough that the running maxima stay in L1 while the planes stream by.
+// The inner loop selects with masks as wide as the values (GCC does not vectorize `c ? a : b`).
 template <typename prob_t>
 void argmax_image(const prob_t* probs, int64_t num_labels, int64_t pixels, int64_t* out) {
-  std::vector<double> best(pixels);
-  for (int64_t p = 0; p < pixels; ++p) best[p] = checked_probability(probs[p]), out[p] = 0;
-  for (int64_t l = 1; l < num_labels; ++l) {
-    const prob_t* plane = probs + l * pixels;
-    for (int64_t p = 0; p < pixels; ++p) {
-      const double v = checked_probability(plane[p]);
-      if (v > best[p]) best[p] = v, out[p] = l;
+  using mask_t = std::conditional_t<sizeof(prob_t) == 4, int32_t, int64_t>;
+  constexpr int64_t kChunk = 512;
+  prob_t best[kChunk];
+  mask_t label[kChunk];
+  mask_t valid = -1;
+  for (int64_t start = 0; start < pixels; start += kChunk) {
+    const int64_t n = std::min(kChunk, pixels - start);
+    std::copy(probs + start, probs + start + n, best);
+    std::fill(label, label + n, 0);
+    for (int64_t l = 0; l < num_labels; ++l) {
+      const prob_t* plane = probs + l * pixels + start;
+      for (int64_t i = 0; i < n; ++i) {
+        const prob_t v = plane[i], b = best[i];
+        const mask_t old = label[i];
+        const mask_t better = -static_cast<mask_t>(v > b);
+        valid &= -static_cast<mask_t>(is_probability(v));
+        best[i] = std::max(b, v);
+        label[i] = (static_cast<mask_t>(l) & better) | (old & ~better);
+      }
     }
+    std::copy(label, label + n, out + start);
   }
+  check_probabilities(valid != 0);
 }
 
 template <typename prob_t>

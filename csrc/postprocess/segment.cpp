@@ -1,115 +1,79 @@
-// FLOOD and SEGMENT (paper section 7.2, Algorithms 2-3).
+// FLOOD and SEGMENT (paper section 7.2, Algorithms 2-3), computed as connected components.
 //
-// FLOOD claims the seed, then repeatedly claims the unclaimed 4-neighbours of claimed cells,
-// except that a boundary cell never claims another boundary cell: only a boundary two cells thick
-// stops the flood. The set a flood claims does not depend on the order it visits cells in (a
-// cell is claimed as soon as any claimed neighbour may claim it), so instead of the paper's stack
-// of (y, x, b) pushed for all four neighbours we keep a queue of claimed cells, each entered
-// once: no recursion, memory proportional to the flood's front, same regions.
+// FLOOD claims a cell's unclaimed 4-neighbour unless both are boundary cells (a boundary cell may
+// be claimed, but never claims another boundary cell); the rule is symmetric. So a flood claims
+// exactly the connected component of its seed in the graph whose edges join 4-neighbours that are
+// not both boundary: nothing a flood claims can be reached by another, whatever the visiting
+// order. SEGMENT seeds floods at the first unclaimed cell in scan order, so its masks are these
+// components, numbered in scan order of their first cell, and those under min_size dropped.
+// We label them with a union-find in one raster pass, each component's root being its first
+// cell: no recursion, no stack, memory linear in the image, the same masks as the pseudo-code
+// (tests/postprocess_reference.py runs Algorithms 2-3 literally to check).
 #include "postprocess.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace unet_postprocess {
 namespace {
 
-constexpr int32_t kUnclaimed = -2;
-constexpr int32_t kDropped = -1;
-
-struct Cell {
-  int32_t y, x;
-};
-
-// A FIFO of cells that reuses its storage: the consumed prefix is dropped once it is the larger
-// half, so memory follows the flood's front rather than its area.
-class CellQueue {
- public:
-  void push(Cell cell) { cells_.push_back(cell); }
-  bool empty() const { return head_ == cells_.size(); }
-  Cell pop() {
-    const Cell cell = cells_[head_++];
-    if (head_ > 1024 && 2 * head_ > cells_.size()) {
-      cells_.erase(cells_.begin(), cells_.begin() + head_);
-      head_ = 0;
-    }
-    return cell;
+// Root of p's component; halves the path as it goes. Every parent index is <= its child's.
+int32_t find_root(std::vector<int32_t>& parent, int32_t p) {
+  while (parent[p] != p) {
+    parent[p] = parent[parent[p]];
+    p = parent[p];
   }
+  return p;
+}
 
- private:
-  std::vector<Cell> cells_;
-  size_t head_ = 0;
-};
+// Joins the components of a and b (both roots); the earlier cell in scan order stays root.
+int32_t unite(std::vector<int32_t>& parent, int32_t a, int32_t b) {
+  if (a == b) return a;
+  const int32_t first = std::min(a, b);
+  parent[std::max(a, b)] = first;
+  return first;
+}
 
-class Flood {
- public:
-  Flood(const bool* boundary, int64_t height, int64_t width, int32_t* regions)
-      : boundary_(boundary), height_(height), width_(width), regions_(regions) {}
-
-  // Claims for `id` everything FLOOD reaches from `seed`; returns the number of cells claimed.
-  int64_t fill(Cell seed, int32_t id) {
-    regions_[index(seed)] = id;
-    queue_.push(seed);
-    int64_t filled = 0;
-    while (!queue_.empty()) {
-      const Cell c = queue_.pop();
-      ++filled;
-      const bool from_cell = !boundary_[index(c)];
-      if (c.y + 1 < height_) claim({c.y + 1, c.x}, from_cell, id);
-      if (c.y > 0) claim({c.y - 1, c.x}, from_cell, id);
-      if (c.x + 1 < width_) claim({c.y, c.x + 1}, from_cell, id);
-      if (c.x > 0) claim({c.y, c.x - 1}, from_cell, id);
-    }
-    return filled;
-  }
-
-  // Marks the cells of region `id` (4-connected, all reached from `seed`) as dropped; they stay
-  // claimed, as in SEGMENT, so no later flood takes them.
-  void drop(Cell seed, int32_t id) {
-    std::vector<Cell> stack{seed};
-    regions_[index(seed)] = kDropped;
-    while (!stack.empty()) {
-      const Cell c = stack.back();
-      stack.pop_back();
-      const Cell next[4] = {{c.y + 1, c.x}, {c.y - 1, c.x}, {c.y, c.x + 1}, {c.y, c.x - 1}};
-      for (const Cell& n : next) {
-        if (n.y < 0 || n.y >= height_ || n.x < 0 || n.x >= width_ || regions_[index(n)] != id) continue;
-        regions_[index(n)] = kDropped;
-        stack.push_back(n);
+// parent[p] for every cell such that following parents reaches the first cell of p's component.
+// The left neighbour's root is carried along the row: nothing merges between two cells.
+void link_components(const bool* boundary, int64_t height, int64_t width, std::vector<int32_t>& parent) {
+  for (int64_t y = 0; y < height; ++y) {
+    const bool* row = boundary + y * width;
+    int32_t left_root = -1;
+    for (int64_t x = 0; x < width; ++x) {
+      const int32_t p = static_cast<int32_t>(y * width + x);
+      const bool b = row[x];
+      int32_t root = x > 0 && !(b && row[x - 1]) ? left_root : p;
+      parent[p] = root;
+      if (y > 0 && !(b && row[x - width])) {
+        const int32_t above = find_root(parent, static_cast<int32_t>(p - width));
+        root = root == p ? above : unite(parent, root, above);
+        parent[p] = root;
       }
+      left_root = root;
     }
   }
-
- private:
-  int64_t index(Cell c) const { return static_cast<int64_t>(c.y) * width_ + c.x; }
-
-  void claim(Cell c, bool from_cell, int32_t id) {
-    const int64_t i = index(c);
-    if (regions_[i] != kUnclaimed || (boundary_[i] && !from_cell)) return;
-    regions_[i] = id;
-    queue_.push(c);
-  }
-
-  const bool* boundary_;
-  int64_t height_, width_;
-  int32_t* regions_;
-  CellQueue queue_;
-};
+}
 
 }  // namespace
 
 int32_t segment_image(const bool* boundary, int64_t height, int64_t width, int64_t min_size, int32_t* regions) {
   const int64_t pixels = height * width;
-  for (int64_t p = 0; p < pixels; ++p) regions[p] = kUnclaimed;
-  Flood flood(boundary, height, width, regions);
+  std::vector<int32_t> parent(pixels);
+  link_components(boundary, height, width, parent);
+
+  // Parents precede children, so one pass in scan order points every cell at its root.
+  std::vector<int32_t> size(pixels, 0);
+  for (int64_t p = 0; p < pixels; ++p) {
+    parent[p] = parent[parent[p]];
+    ++size[parent[p]];
+  }
+  // A root is its component's first cell: numbering roots as they come is scan order.
   int32_t count = 0;
   for (int64_t p = 0; p < pixels; ++p) {
-    if (regions[p] != kUnclaimed) continue;
-    const Cell seed{static_cast<int32_t>(p / width), static_cast<int32_t>(p % width)};
-    if (flood.fill(seed, count) >= min_size) {
-      ++count;
-    } else {
-      flood.drop(seed, count);
-    }
+    const int32_t root = parent[p];
+    if (root == p) size[p] = size[p] >= min_size ? count++ : -1;  // size now holds the id
+    regions[p] = size[root];
   }
   return count;
 }

@@ -1,0 +1,185 @@
+"""Plain Python/NumPy reference of the post-processing, written from the paper's pseudo-code.
+
+Algorithms 2-4 (FLOOD, SEGMENT, DUST_FILL) follow the pseudo-code line by line: FLOOD's stack of
+(y, x, b) pushed for all four neighbours, SEGMENT's seeds taken in scan order, DUST_FILL's stack
+and swap buffer. DUST_FILL's arithmetic is double precision in the documented order of
+csrc/postprocess/dust_fill.cpp (sums over labels 0..L-1, pixels added to statistics in the order
+they join, normalization by the reciprocal of the sum), so the labels must match exactly.
+One image at a time, NumPy in and out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CELL, BOUNDARY, CLAIMED = 0, 1, 2
+
+
+def boundary_from_labels(labels: np.ndarray) -> np.ndarray:
+    """True where a 4-neighbour inside the image has another label."""
+    out = np.zeros(labels.shape, dtype=bool)
+    vertical = labels[1:, :] != labels[:-1, :]
+    horizontal = labels[:, 1:] != labels[:, :-1]
+    out[1:, :] |= vertical
+    out[:-1, :] |= vertical
+    out[:, 1:] |= horizontal
+    out[:, :-1] |= horizontal
+    return out
+
+
+def _shift_any(canvas: np.ndarray) -> np.ndarray:
+    """Each pixel or any of its 4-neighbours (outside the canvas counts as False)."""
+    out = canvas.copy()
+    out[1:, :] |= canvas[:-1, :]
+    out[:-1, :] |= canvas[1:, :]
+    out[:, 1:] |= canvas[:, :-1]
+    out[:, :-1] |= canvas[:, 1:]
+    return out
+
+
+def close_gaps(boundary: np.ndarray, iterations: int) -> np.ndarray:
+    """Dilate `iterations` times, then erode as often (4-neighbourhood), on a canvas padded so
+    that the image is surrounded by non-boundary pixels."""
+    pad = iterations + 1
+    canvas = np.pad(boundary.astype(bool), pad)
+    for _ in range(iterations):
+        canvas = _shift_any(canvas)
+    for _ in range(iterations):
+        canvas = ~_shift_any(~canvas)
+    return canvas[pad:-pad, pad:-pad]
+
+
+def flood(data: list[list[int]], mask: list[tuple[int, int]], x: int, y: int) -> int:
+    """Algorithm 2: claims cells in `data` from the seed, appends them to `mask`, returns filled."""
+    height, width = len(data), len(data[0])
+    stack = [(y, x, 0)]
+    filled = 0
+    while stack:
+        y, x, b = stack.pop()
+        if x < 0 or x >= width or y < 0 or y >= height:
+            continue
+        if data[y][x] == CELL or (data[y][x] == BOUNDARY and b == 0):
+            b = 1 if data[y][x] == BOUNDARY else 0
+            data[y][x] = CLAIMED
+            mask.append((y, x))
+            stack.append((y + 1, x, b))
+            stack.append((y - 1, x, b))
+            stack.append((y, x + 1, b))
+            stack.append((y, x - 1, b))
+            filled += 1
+    return filled
+
+
+def segment(boundary: np.ndarray, min_size: int) -> tuple[np.ndarray, int]:
+    """Algorithm 3 with seeds in scan order: int32 region map (-1 unassigned) and region count."""
+    data = [[BOUNDARY if v else CELL for v in row] for row in np.asarray(boundary, dtype=bool).tolist()]
+    masks = []
+    for y in range(boundary.shape[0]):
+        for x in range(boundary.shape[1]):
+            if data[y][x] == CLAIMED:
+                continue
+            mask: list[tuple[int, int]] = []
+            if flood(data, mask, x, y) >= min_size:
+                masks.append(mask)
+    regions = np.full(boundary.shape, -1, dtype=np.int32)
+    for k, mask in enumerate(masks):
+        for y, x in mask:
+            regions[y, x] = k
+    return regions, len(masks)
+
+
+def _normalize(values: list[float]) -> list[float]:
+    total = 0.0
+    for v in values:
+        total += v
+    inverse = 1.0 / total if total > 0.0 else 0.0
+    return [v * inverse for v in values]
+
+
+def _l1(a: list[float], b: list[float]) -> float:
+    d = 0.0
+    for u, v in zip(a, b):
+        d += abs(u - v)
+    return d
+
+
+def argmax_labels(probs: np.ndarray) -> np.ndarray:
+    return np.argmax(probs, axis=0).astype(np.int64)
+
+
+def _region_stats(seg: np.ndarray, regions: np.ndarray, num_masks: int) -> list[list[float]]:
+    """Per region, per label, sequential sums in scan order (np.bincount adds in input order)."""
+    flat = regions.ravel()
+    assigned = flat >= 0
+    sums = [np.bincount(flat[assigned], weights=plane.ravel()[assigned], minlength=num_masks) for plane in seg]
+    return [[float(sums[l][k]) for l in range(len(seg))] for k in range(num_masks)]
+
+
+def dust_fill(probs, regions, new_threshold, join_threshold: float, impatience: float) -> np.ndarray:
+    """Algorithm 4 for one image: probs (L, H, W), regions (H, W) -> int64 labels (H, W)."""
+    seg = np.asarray(probs, dtype=np.float64)
+    num_labels, height, width = seg.shape
+    thresholds = np.broadcast_to(np.asarray(new_threshold, dtype=np.float64), (num_labels,))
+    regions = np.asarray(regions)
+    M = int(regions.max()) + 1 if regions.size else 0
+
+    stats = _region_stats(seg, regions, M)
+    for k in range(num_labels):
+        stats.append([1.0 if l == k else 0.0 for l in range(num_labels)])
+    mapping = regions.astype(np.int64)
+
+    # First pass, in scan order: promote confident pixels, stack the others with patience 1.
+    best_label = np.argmax(seg, axis=0)
+    best = np.take_along_axis(seg, best_label[None], axis=0)[0]
+    stack = []
+    promoted = 0
+    for s in range(height):
+        for t in range(width):
+            if mapping[s, t] >= 0:
+                continue
+            label = int(best_label[s, t])
+            if best[s, t] >= thresholds[label]:
+                mapping[s, t] = M + label
+                promoted += 1
+            else:
+                stack.append((s, t, 1.0))
+    if stack and M == 0 and promoted == 0:
+        return argmax_labels(seg)  # nothing to grow from: the loop below would never end
+
+    swap = []
+    while stack:
+        while stack:
+            y, x, patience = stack.pop()
+            dist = 1000.0
+            mask = -1
+            border = 0
+            for s, t in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= s < height and 0 <= t < width and mapping[s, t] >= 0:
+                    border = 1
+                    tempm = int(mapping[s, t])
+                    tempd = _l1(_normalize(seg[:, y, x].tolist()), _normalize(stats[tempm]))
+                    if tempd < join_threshold * patience and tempd < dist:
+                        dist = tempd
+                        mask = tempm
+            if border == 0:
+                swap.append((y, x, patience))
+                continue
+            if mask == -1:
+                swap.append((y, x, patience * impatience))
+                continue
+            mapping[y, x] = mask
+            if mask < M:
+                pixel = seg[:, y, x].tolist()
+                stats[mask] = [a + b for a, b in zip(stats[mask], pixel)]
+        stack, swap = swap, stack
+
+    mask_label = np.array([int(np.argmax(s)) for s in stats], dtype=np.int64)
+    return mask_label[mapping]
+
+
+def postprocess(probs, boundary_prob, boundary_threshold, gap_iterations, min_size, new_threshold,
+                join_threshold, impatience) -> tuple[np.ndarray, np.ndarray]:
+    """The chain for one image: threshold -> close_gaps -> segment -> dust_fill."""
+    boundary = close_gaps(np.asarray(boundary_prob, dtype=np.float64) >= boundary_threshold, gap_iterations)
+    regions, _ = segment(boundary, min_size)
+    return dust_fill(probs, regions, new_threshold, join_threshold, impatience), regions
