@@ -195,7 +195,9 @@ class Canvas:
         flat = self.material.ravel()
         order = np.argsort(flat, kind="stable")
         ends = np.cumsum(np.bincount(flat, minlength=len(self.materials)))
-        x, y = self.centres[order % self.size], self.centres[order // self.size]
+        rows, cols = np.divmod(order, self.size)
+        centres = self.centres.astype(np.float32)
+        x, y = centres[cols], centres[rows]
         detail = rng.random((33, 33))
         colours = np.empty((flat.size, 3), dtype=np.float32)
         for m, start, end in zip(self.materials, np.concatenate([[0], ends[:-1]]), ends):
