@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unet.labels import LABEL_INDEX, NUM_LABELS
+from unet.metrics import check_label_range
 from unet.model import SegmentationOutput
 
 
@@ -55,10 +56,7 @@ def check_label_map(labels: torch.Tensor, num_labels: int, like: torch.Tensor, n
     expected = (like.shape[0],) + tuple(like.shape[2:])
     if tuple(labels.shape) != expected:
         raise ValueError(f"{name} must have shape {expected} to match the predictions, got {tuple(labels.shape)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-        raise ValueError(
-            f"{name} values must lie in [0, {num_labels}), got [{int(labels.min())}, {int(labels.max())}]"
-        )
+    check_label_range(labels, num_labels, name)
 
 
 def weighted_cross_entropy(

@@ -18,6 +18,14 @@ import torch.distributed as dist
 from unet.labels import LABELS, NUM_LABELS
 
 
+def check_label_range(labels: torch.Tensor, num_labels: int, name: str) -> None:
+    """Raise ``ValueError`` unless every value of the integer tensor ``labels`` lies in [0, num_labels)."""
+    if labels.numel():
+        low, high = torch.stack(torch.aminmax(labels)).tolist()  # one device sync, not two
+        if low < 0 or high >= num_labels:
+            raise ValueError(f"{name} values must lie in [0, {num_labels}), got [{low}, {high}]")
+
+
 class ConfusionMatrix:
     """``matrix[t, p]`` counts pixels of true label ``t`` predicted as ``p`` (int64, rows = truth)."""
 
@@ -39,10 +47,7 @@ class ConfusionMatrix:
             raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
         pred = pred.to(self.matrix.device, torch.int64).flatten()
         target = target.to(self.matrix.device, torch.int64).flatten()
-        if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= self.num_labels):
-            raise ValueError(
-                f"pred values must lie in [0, {self.num_labels}), got [{int(pred.min())}, {int(pred.max())}]"
-            )
+        check_label_range(pred, self.num_labels, "pred")
         counted = (target >= 0) & (target < self.num_labels)
         pairs = target[counted] * self.num_labels + pred[counted]
         self.matrix += torch.bincount(pairs, minlength=self.num_labels**2).view(self.num_labels, self.num_labels)
