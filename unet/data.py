@@ -240,7 +240,7 @@ class SyntheticClothing(Dataset):
 
 
 class LabelledFiles(Dataset):
-    """Image files paired with label maps, split by sorted name, checked as the module says."""
+    """Image files paired with label maps: split by sorted name, then checked from file headers."""
 
     def __init__(self, pairs, image_size, split, val_fraction, seed, augment, lookup=None, check_labels=False):
         self.image_size = _check_size("image_size", image_size)
