@@ -1,5 +1,6 @@
 """unet.data and unet.synthetic: the built-in dataset, the file loaders, geometry and splits."""
 
+import pickle
 from fractions import Fraction
 
 import numpy as np
@@ -408,3 +409,16 @@ def test_load_image_reads_rgb_and_names_bad_files(tmp_path):
         data.load_image(tmp_path / "bad.jpg")
     with pytest.raises(FileNotFoundError, match="missing.png"):
         data.load_image(tmp_path / "missing.png")
+
+
+def test_datasets_survive_pickling_for_loader_workers(deepfashion):
+    root, _ = deepfashion
+    with pytest.warns(UserWarning):
+        datasets = [data.DeepFashionMultiModal(root, 32, "all"), data.SyntheticClothing(2, 32, seed=4)]
+    for dataset in datasets:
+        copy = pickle.loads(pickle.dumps(dataset))
+        assert len(copy) == len(dataset)
+        assert torch.equal(copy[1]["labels"], dataset[1]["labels"])
+    batch = next(iter(torch.utils.data.DataLoader(datasets[1], batch_size=2)))
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["boundary"].shape == (2, 1, 32, 32)
+    assert batch["name"] == ["synthetic-4-000000", "synthetic-4-000001"]
