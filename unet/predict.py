@@ -11,8 +11,8 @@ For every input image ``<name>.<ext>`` the output folder receives
 * ``<name>_regions.png``: the region map of the boundary segmentation, a 16-bit greyscale PNG where
   0 marks unassigned (boundary) pixels and region ``r`` is stored as ``r + 1``.
 
-Images keep their size: each batch is padded (replicating the edge) up to a multiple of the
-model's ``input_multiple``, predicted, and cropped back.
+Images keep their size: each is padded (replicating the edge) up to a multiple of the model's
+``input_multiple``, predicted, and cropped back; images of the same size share a batch.
 """
 
 from __future__ import annotations
@@ -166,13 +166,23 @@ def _load_batch(paths: list[Path], failures: list[str]) -> tuple[list[str], list
     return names, images
 
 
-def _stack_padded(images: list[torch.Tensor]) -> torch.Tensor:
-    """One batch from images of different sizes: each padded to the largest, replicating edges."""
-    height = max(image.shape[-2] for image in images)
-    width = max(image.shape[-1] for image in images)
-    return torch.stack(
-        [F.pad(im[None], (0, width - im.shape[-1], 0, height - im.shape[-2]), mode="replicate")[0] for im in images]
-    )
+def predict_images(model, images: list[torch.Tensor], device, *, method: str, amp: str = "none"):
+    """(labels, regions) for each image, at its own size.
+
+    Only images of one shape share a forward pass: padding an image up to a larger neighbour
+    would change what the global attention of the bottleneck sees.
+    """
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(tuple(image.shape), []).append(i)
+    results = [None] * len(images)
+    for indices in by_shape.values():
+        batch = torch.stack([images[i] for i in indices]).to(device)
+        probs, boundary = predict_probabilities(model, batch, amp=amp)
+        labels, regions = label_map(method, probs, boundary, return_regions=True)
+        for j, i in enumerate(indices):
+            results[i] = (labels[j], regions[j])
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,14 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True) as bar:
         for batch_paths in batches:
             names, images = _load_batch(batch_paths, failures)
-            if images:
-                probs, boundary = predict_probabilities(model, _stack_padded(images).to(device), amp=args.amp)
-                labels, regions = label_map(args.postprocess, probs, boundary, return_regions=True)
-                for i, (name, image) in enumerate(zip(names, images)):
-                    height, width = image.shape[-2:]
-                    crop = (slice(0, height), slice(0, width))
-                    save_outputs(output_dir, name, image, labels[i][crop], regions[i][crop], args.alpha)
-                    written += 1
+            predictions = predict_images(model, images, device, method=args.postprocess, amp=args.amp)
+            for name, image, (labels, regions) in zip(names, images, predictions):
+                save_outputs(output_dir, name, image, labels, regions, args.alpha)
+                written += 1
             bar.update(len(batch_paths))
 
     for failure in failures:

@@ -92,6 +92,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-fraction", type=_number(float, 0.0, False, "a fraction in (0, 1)"), default=0.1)
     data.add_argument("--no-augment", dest="augment", action="store_false", help="turn off training augmentation")
     data.add_argument("--workers", type=non_negative_int, default=1, help="data loading processes (default 1)")
+    data.add_argument("--threads", type=non_negative_int, default=1,
+                      help="intra-op CPU threads of each training process; 0: torch's default (default 1, "
+                           "which leaves a core to the data worker on small CPUs)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -241,6 +244,8 @@ class TrainResult:
 
 
 def train(args: argparse.Namespace) -> TrainResult:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = distributed.setup(args.device)
     try:
         return _train(args, info)
