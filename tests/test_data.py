@@ -409,6 +409,12 @@ def test_load_image_reads_rgb_and_names_bad_files(tmp_path):
         data.load_image(tmp_path / "bad.jpg")
     with pytest.raises(FileNotFoundError, match="missing.png"):
         data.load_image(tmp_path / "missing.png")
+    # A header that opens, then a body that ends early: found only when decoding.
+    Image.fromarray(np.repeat(pixels, 20, axis=0)).save(tmp_path / "cut.jpg")
+    whole = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cannot read image '.*cut\.jpg'.*[Tt]runcated"):
+        data.load_image(tmp_path / "cut.jpg")
 
 
 def test_datasets_survive_pickling_for_loader_workers(deepfashion):
