@@ -124,9 +124,13 @@ LOCALATTN_INLINE void load_scaled(acc_t* dst, const scalar_t* src, acc_t factor,
 // exp(x) for x <= 0 (tiny positive x from rounding is fine), written so that it vectorises
 // (std::exp does not without -ffast-math): x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor
 // polynomial of degree 6 (relative error ~1e-7), 2^n through the exponent bits. Below -87 a
-// float exp underflows; those (and the -inf of masked keys) give 0.
+// float exp underflows; those (and the -inf of masked keys) give 0. The comparisons are done on
+// the bits as integers: float compares may trap, which keeps GCC from vectorising the selects.
 LOCALATTN_INLINE float exp_nonpositive(float x) {
-  const float clamped = std::max(x, -87.0f);
+  constexpr uint32_t kMinus87 = 0xC2AE0000u;  // bits of -87.0f; larger bits = more negative
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  const bool underflow = bits > kMinus87;
+  const float clamped = std::bit_cast<float>(underflow ? kMinus87 : bits);
   const int32_t n = static_cast<int32_t>(clamped * 1.44269504088896341f - 0.5f);
   const float r = clamped - static_cast<float>(n) * 0.693145751953125f -
       static_cast<float>(n) * 1.42860682030941723e-6f;
@@ -137,8 +141,8 @@ LOCALATTN_INLINE float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float two_to_n = std::bit_cast<float>((n + 127) << 23);
-  return x < -87.0f ? 0.0f : p * two_to_n;
+  const float result = p * std::bit_cast<float>((n + 127) << 23);
+  return std::bit_cast<float>(std::bit_cast<uint32_t>(result) & (underflow ? 0u : ~0u));
 }
 
 LOCALATTN_INLINE double exp_nonpositive(double x) { return std::exp(x); }
