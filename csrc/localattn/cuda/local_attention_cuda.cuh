@@ -13,9 +13,9 @@
 //     of the 3x3 blocks around the key's block: dk and dv are written once, without atomics.
 // The score matrix of the tile ([tile pixels] x [9b^2 window pixels]) lives in shared memory.
 //
-// Inner loops are register-tiled on b: one thread takes a row of b pixels of a block (they share
-// the window) against a run of b consecutive window pixels (scores), or against one 8-element
-// chunk of the head dimension (weighted sums). Rows are stored in shared memory in the input
+// Score loops are register-tiled on b: one thread takes a row of b pixels of a block (they share
+// the window) against a run of b consecutive window pixels. Weighted sums take one pixel and one
+// 8-element chunk of the head dimension per thread. Rows are stored in shared memory in the input
 // dtype, padded to a multiple of 8 elements (zeros) plus 16 bytes, so that any head size works,
 // every chunk is one or more aligned 16-byte accesses, and rows of neighbouring pixels start in
 // different banks. Arithmetic is in at::opmath_type (float; double for double inputs).
@@ -215,18 +215,13 @@ __device__ void dot_rows(const Geometry& g, const T* a, const T* w, acc_t (&dots
   }
 }
 
-// sums[c][:] = sum over the 9b^2 window pixels j of weights[c][j] * chunk `chunk` of the halo
-// row of j, for the B score rows starting at `weights` (stride g.score_stride()); `window_origin`
-// is the halo row of the window's top-left pixel.
+// sums[:] = sum over the 9b^2 window pixels j of weights[j] * chunk `chunk` of the halo row of
+// j; `window_origin` is the halo row of the window's top-left pixel.
 template <int B, typename T, typename acc_t>
-__device__ void weighted_rows(const Geometry& g, const acc_t* weights, const T* window_origin,
-                              int chunk, acc_t (&sums)[B][kChunk]) {
+__device__ void weighted_row(const Geometry& g, const acc_t* weights, const T* window_origin,
+                             int chunk, acc_t (&sums)[kChunk]) {
 #pragma unroll
-  for (int c = 0; c < B; ++c) {
-#pragma unroll
-    for (int e = 0; e < kChunk; ++e) sums[c][e] = acc_t(0);
-  }
-  const int stride = g.score_stride();
+  for (int e = 0; e < kChunk; ++e) sums[e] = acc_t(0);
   const int64_t halo_row = static_cast<int64_t>(g.halo_side()) * g.row;
   for (int wy = 0; wy < 3 * B; ++wy) {
     const T* row_start = window_origin + wy * halo_row + chunk * kChunk;
@@ -234,13 +229,9 @@ __device__ void weighted_rows(const Geometry& g, const acc_t* weights, const T* 
     for (int wx = 0; wx < 3 * B; ++wx) {
       acc_t values[kChunk];
       load_chunk(row_start + wx * g.row, values);
-      const int j = wy * 3 * B + wx;
+      const acc_t p = weights[wy * 3 * B + wx];
 #pragma unroll
-      for (int c = 0; c < B; ++c) {
-        const acc_t p = weights[c * stride + j];
-#pragma unroll
-        for (int e = 0; e < kChunk; ++e) sums[c][e] += p * values[e];
-      }
+      for (int e = 0; e < kChunk; ++e) sums[e] += p * values[e];
     }
   }
 }
@@ -311,20 +302,20 @@ __device__ void for_each_pair(const Geometry& g, const TilePosition& t, const T*
 }
 
 // For every tile pixel i and head-dimension chunk, sums over the window pixels j of
-// score[i][j] * halo_rows[j] and hands the chunk to store(tile row, chunk, sums).
+// score[i][j] * halo_rows[j] and hands the chunk to store(tile row, chunk, sums). One item per
+// (pixel, chunk), chunks innermost: the lanes of a warp read the same window rows (the pixels of
+// one block share their window), so the halo loads are broadcasts and every lane has work.
 template <int B, typename T, typename acc_t, typename Store>
 __device__ void for_each_weighted_chunk(const Geometry& g, const acc_t* score,
                                         const T* halo_rows, Store store) {
-  const int items = g.tile_blocks * g.tile_blocks * B * g.chunks;
+  const int items = g.tile_pixels() * g.chunks;
   for (int item = threadIdx.x; item < items; item += blockDim.x) {
-    const int chunk = item % g.chunks, block_row = item / g.chunks;
-    const int blk = block_row / B;
-    acc_t sums[B][kChunk];
-    weighted_rows<B>(g, score + static_cast<int64_t>(block_row) * B * g.score_stride(),
-                     halo_rows + static_cast<int64_t>(window_halo_index(g, blk, 0, 0)) * g.row,
-                     chunk, sums);
-#pragma unroll
-    for (int c = 0; c < B; ++c) store(block_row * B + c, chunk, sums[c]);
+    const int chunk = item % g.chunks, tile = item / g.chunks;
+    acc_t sums[kChunk];
+    weighted_row<B>(g, score + static_cast<int64_t>(tile) * g.score_stride(),
+                    halo_rows + static_cast<int64_t>(window_halo_index(g, tile / (B * B), 0, 0)) * g.row,
+                    chunk, sums);
+    store(tile, chunk, sums);
   }
 }
 
@@ -335,26 +326,36 @@ Geometry make_geometry(const at::Tensor& q, int64_t block_size, bool symmetric,
                        std::initializer_list<const at::Tensor*> tensors);
 
 // Preferred tile side in blocks: 8 x 8 pixels per tile keeps the halo overhead at
-// ((TB+2)/TB)^2 = 2.25 for b = 2 while leaving room for more than one block per SM.
-inline int preferred_tile_blocks(int b) { return b == 3 ? 2 : 8 / b; }
+// ((TB+2)/TB)^2 = 2.25 for b = 2. The environment variable LOCALATTN_CUDA_TILE_BLOCKS overrides
+// it (a tuning knob for benchmarks; the tile still shrinks to fit shared memory).
+int preferred_tile_blocks(int b);
 
-int64_t shared_memory_limit();
+// Shared memory per thread block: the device's opt-in maximum, and the most that still lets two
+// thread blocks share a multiprocessor (each also reserves 1 KiB).
+struct SharedMemoryLimits {
+  int64_t per_block, two_per_sm;
+};
+SharedMemoryLimits shared_memory_limits();
 
-// Uses the largest tile, at most preferred_tile_blocks a side, whose shared memory (bytes_of)
-// fits the device; returns the bytes needed. Fails clearly when not even one block fits.
+// Uses the largest tile, at most preferred_tile_blocks a side, that lets two thread blocks share
+// a multiprocessor (one block per SM leaves no other block to hide the staging loads and the
+// barriers behind), or failing that the largest that fits at all; returns its shared-memory
+// bytes (bytes_of). Fails clearly when not even a one-block tile fits.
 template <typename BytesOf>
 int64_t set_tiling(Geometry& g, BytesOf bytes_of) {
-  const int64_t limit = shared_memory_limit();
-  g.tile_blocks = preferred_tile_blocks(g.block);
-  int64_t bytes = bytes_of(g);
-  while (bytes > limit && g.tile_blocks > 1) {
-    --g.tile_blocks;
-    bytes = bytes_of(g);
-  }
-  TORCH_CHECK_VALUE(bytes <= limit, "local_attention2d (CUDA): head size D=", g.dim,
-                    " with block_size ", g.block, " needs ", bytes,
-                    " bytes of shared memory, more than the device has (", limit,
-                    "); use a smaller head size or the CPU");
+  const SharedMemoryLimits limits = shared_memory_limits();
+  const auto largest_tile_within = [&](int64_t limit) {
+    for (int tb = preferred_tile_blocks(g.block); tb >= 1; --tb) {
+      g.tile_blocks = tb;
+      if (bytes_of(g) <= limit) return true;
+    }
+    return false;
+  };
+  const bool fits = largest_tile_within(limits.two_per_sm) || largest_tile_within(limits.per_block);
+  const int64_t bytes = bytes_of(g);
+  TORCH_CHECK_VALUE(fits, "local_attention2d (CUDA): head size D=", g.dim, " with block_size ",
+                    g.block, " needs ", bytes, " bytes of shared memory, more than the device has (",
+                    limits.per_block, "); use a smaller head size or the CPU");
   const int blocks_y = (g.height + g.block - 1) / g.block;
   const int blocks_x = (g.width + g.block - 1) / g.block;
   g.tiles_x = (blocks_x + g.tile_blocks - 1) / g.tile_blocks;

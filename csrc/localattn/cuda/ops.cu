@@ -10,7 +10,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <cstdint>
 #include <tuple>
 
@@ -36,11 +38,23 @@ Geometry make_geometry(const at::Tensor& q, int64_t block_size, bool symmetric,
   return g;
 }
 
-int64_t shared_memory_limit() {
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        c10::cuda::current_device()));
-  return limit;
+int preferred_tile_blocks(int b) {
+  if (const char* setting = std::getenv("LOCALATTN_CUDA_TILE_BLOCKS")) {
+    const int tile_blocks = std::atoi(setting);
+    TORCH_CHECK_VALUE(tile_blocks >= 1, "LOCALATTN_CUDA_TILE_BLOCKS must be a positive integer, got '",
+                      setting, "'");
+    return tile_blocks;
+  }
+  return b == 3 ? 2 : 8 / b;
+}
+
+SharedMemoryLimits shared_memory_limits() {
+  const int device = c10::cuda::current_device();
+  int per_block = 0, per_sm = 0, reserved = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  return {per_block, std::min<int64_t>(per_block, per_sm / 2 - reserved)};
 }
 
 void allow_shared_memory(const void* kernel, int64_t bytes) {
