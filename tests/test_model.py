@@ -180,9 +180,10 @@ def gradients(model, x):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("levels", [(), pytest.param((0, 2), marks=needs_localattn)], ids=["plain", "local-attn"])
+def test_grad_checkpointing_gives_the_same_gradients(levels):
     torch.manual_seed(0)
-    model = build_model("tiny")
+    model = build_model("tiny", local_attention_levels=levels)
     x = torch.rand(2, 3, 32, 32)
     plain = gradients(model, x)
     model.set_grad_checkpointing(True)
@@ -193,9 +194,10 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
 
 
-def test_channels_last_gives_the_same_output():
+@pytest.mark.parametrize("levels", [(), pytest.param((0, 2), marks=needs_localattn)], ids=["plain", "local-attn"])
+def test_channels_last_gives_the_same_output(levels):
     torch.manual_seed(0)
-    model = build_model("tiny").eval()
+    model = build_model("tiny", local_attention_levels=levels).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
