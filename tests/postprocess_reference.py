@@ -27,25 +27,27 @@ def boundary_from_labels(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _shift_any(canvas: np.ndarray) -> np.ndarray:
-    """Each pixel or any of its 4-neighbours (outside the canvas counts as False)."""
+def _dilate_once(canvas: np.ndarray, eight: bool) -> np.ndarray:
+    """Each pixel or any of its 8- (or 4-) neighbours; outside the canvas counts as False."""
     out = canvas.copy()
-    out[1:, :] |= canvas[:-1, :]
-    out[:-1, :] |= canvas[1:, :]
-    out[:, 1:] |= canvas[:, :-1]
-    out[:, :-1] |= canvas[:, 1:]
+    padded = np.pad(canvas, 1)
+    h, w = canvas.shape
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if eight or dy == 0 or dx == 0:
+                out |= padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
     return out
 
 
 def close_gaps(boundary: np.ndarray, iterations: int) -> np.ndarray:
-    """Dilate `iterations` times, then erode as often (4-neighbourhood), on a canvas padded so
-    that the image is surrounded by non-boundary pixels."""
+    """Dilate `iterations` times, then erode as often, alternating the 8- and 4-neighbourhood
+    (8 first), on a canvas padded so that the image is surrounded by non-boundary pixels."""
     pad = iterations + 1
     canvas = np.pad(boundary.astype(bool), pad)
-    for _ in range(iterations):
-        canvas = _shift_any(canvas)
-    for _ in range(iterations):
-        canvas = ~_shift_any(~canvas)
+    for i in range(iterations):
+        canvas = _dilate_once(canvas, eight=i % 2 == 0)
+    for i in range(iterations):
+        canvas = ~_dilate_once(~canvas, eight=i % 2 == 0)
     return canvas[pad:-pad, pad:-pad]
 
 

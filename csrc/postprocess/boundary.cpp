@@ -33,12 +33,17 @@ void threshold_image(const prob_t* boundary_prob, int64_t pixels, double thresho
 
 namespace {
 
-// Exact city-block distance to the nearest source, in place: `dist` holds 0 at sources, a
-// positive offset at pixels that see a source outside the image, `far` elsewhere. The metric is
-// separable: sweep the columns down and up (whole rows at a time, which vectorizes), then each
-// row right and left.
-void city_block_distance(std::vector<int32_t>& dist, int64_t height, int64_t width) {
-  int32_t* d = dist.data();
+// In place, along every row: distance to the nearest source (0) of the row, or `far`.
+void row_distance(int32_t* d, int64_t height, int64_t width) {
+  for (int64_t y = 0; y < height; ++y) {
+    int32_t* row = d + y * width;
+    for (int64_t x = 1; x < width; ++x) row[x] = std::min(row[x], row[x - 1] + 1);
+    for (int64_t x = width - 2; x >= 0; --x) row[x] = std::min(row[x], row[x + 1] + 1);
+  }
+}
+
+// In place, along every column, sweeping whole rows at a time (which vectorizes).
+void column_distance(int32_t* d, int64_t height, int64_t width) {
   for (int64_t y = 1; y < height; ++y) {
     int32_t* row = d + y * width;
     for (int64_t x = 0; x < width; ++x) row[x] = std::min(row[x], row[x - width] + 1);
@@ -47,56 +52,45 @@ void city_block_distance(std::vector<int32_t>& dist, int64_t height, int64_t wid
     int32_t* row = d + y * width;
     for (int64_t x = 0; x < width; ++x) row[x] = std::min(row[x], row[x + width] + 1);
   }
-  for (int64_t y = 0; y < height; ++y) {
-    int32_t* row = d + y * width;
-    for (int64_t x = 1; x < width; ++x) row[x] = std::min(row[x], row[x - 1] + 1);
-    for (int64_t x = width - 2; x >= 0; --x) row[x] = std::min(row[x], row[x + 1] + 1);
-  }
 }
 
-// Outside the image nothing is boundary, so just outside border pixel b the dilation reaches
-// exactly (iterations - dist(b)) pixels further: the first non-dilated outside pixel straight
-// beyond b is max(1, iterations + 1 - dist(b)) away. Pixels beyond the corners are never closer.
-void seed_outside_gaps(
-    const std::vector<int32_t>& to_boundary,
-    std::vector<int32_t>& to_gap,
-    int64_t height,
-    int64_t width,
-    int32_t iterations) {
-  auto seed = [&](int64_t p) {
-    const int32_t offset = std::max(1, iterations + 1 - to_boundary[p]);
-    to_gap[p] = std::min(to_gap[p], offset);
-  };
-  for (int64_t x = 0; x < width; ++x) {
-    seed(x);
-    seed((height - 1) * width + x);
-  }
-  for (int64_t y = 0; y < height; ++y) {
-    seed(y * width);
-    seed(y * width + width - 1);
-  }
+// In place: pixels equal to `source` become 1 when within the octagon of `steps` dilations that
+// alternate the 8- and the 4-neighbourhood of such a pixel, 0 otherwise. The octagon is the
+// Minkowski sum of a square (the 8-neighbour steps) and a diamond (the 4-neighbour steps), so
+// we dilate by each in turn: by the square along rows then columns, then by the diamond with the
+// city-block distance, both separable.
+void dilate_octagon(std::vector<int32_t>& map, int64_t height, int64_t width, int32_t steps, int32_t source) {
+  const int32_t square = (steps + 1) / 2, diamond = steps / 2, far = steps + 1;
+  for (int32_t& v : map) v = v == source ? 0 : far;
+  row_distance(map.data(), height, width);
+  for (int32_t& v : map) v = v <= square ? 0 : far;
+  column_distance(map.data(), height, width);
+  for (int32_t& v : map) v = v <= square ? 0 : far;
+  column_distance(map.data(), height, width);
+  row_distance(map.data(), height, width);
+  for (int32_t& v : map) v = v <= diamond;
 }
 
 }  // namespace
 
-// closing = erosion(dilation(boundary)) with the diamond of radius `iterations` (the 4-neighbour
-// step repeated): a pixel is dilated within that city-block distance of the boundary, and stays
-// after the erosion when no non-dilated pixel, inside the image or beyond it, is that close.
+// Closing = erosion(dilation(boundary)) by the octagon, on a canvas with a margin of
+// iterations + 1 non-boundary pixels: the dilation never reaches its edge, so the erosion sees
+// the image as if surrounded by non-boundary pixels forever.
 void close_gaps_image(const bool* boundary, int64_t height, int64_t width, int64_t iterations, bool* out) {
-  const int64_t pixels = height * width;
-  if (pixels == 0) return;
-  // Beyond height + width every result is the same, and distances stay far from overflow.
-  const int32_t far = static_cast<int32_t>(height + width + 2);
-  const int32_t radius = static_cast<int32_t>(std::min<int64_t>(iterations, height + width));
-  std::vector<int32_t> to_boundary(pixels);
-  for (int64_t p = 0; p < pixels; ++p) to_boundary[p] = boundary[p] ? 0 : far;
-  city_block_distance(to_boundary, height, width);
-
-  std::vector<int32_t> to_gap(pixels);
-  for (int64_t p = 0; p < pixels; ++p) to_gap[p] = to_boundary[p] <= radius ? far : 0;
-  seed_outside_gaps(to_boundary, to_gap, height, width, radius);
-  city_block_distance(to_gap, height, width);
-  for (int64_t p = 0; p < pixels; ++p) out[p] = to_gap[p] > radius;
+  if (height * width == 0) return;
+  // Documented cap, which bounds the canvas: larger closings fill the image's inside anyway.
+  const int32_t steps = static_cast<int32_t>(std::min<int64_t>(iterations, std::max(height, width)));
+  const int64_t margin = steps + 1, canvas_h = height + 2 * margin, canvas_w = width + 2 * margin;
+  std::vector<int32_t> canvas(canvas_h * canvas_w, 0);
+  for (int64_t y = 0; y < height; ++y) {
+    std::copy(boundary + y * width, boundary + (y + 1) * width, canvas.begin() + (y + margin) * canvas_w + margin);
+  }
+  dilate_octagon(canvas, canvas_h, canvas_w, steps, 1);
+  dilate_octagon(canvas, canvas_h, canvas_w, steps, 0);  // the erosion: dilate what was not dilated
+  for (int64_t y = 0; y < height; ++y) {
+    const int32_t* row = canvas.data() + (y + margin) * canvas_w + margin;
+    for (int64_t x = 0; x < width; ++x) out[y * width + x] = row[x] == 0;
+  }
 }
 
 template void boundary_from_labels_image<uint8_t>(const uint8_t*, int64_t, int64_t, bool*);

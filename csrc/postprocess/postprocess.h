@@ -14,8 +14,9 @@ namespace unet_postprocess {
 template <typename label_t>
 void boundary_from_labels_image(const label_t* labels, int64_t height, int64_t width, bool* out);
 
-// Morphological closing: `iterations` 4-neighbour dilations, then as many erosions, computed as
-// if the image were surrounded by non-boundary pixels. Never removes a boundary pixel.
+// Morphological closing: `iterations` dilations alternating the 8- and the 4-neighbourhood, then
+// as many erosions, computed as if the image were surrounded by non-boundary pixels. Never
+// removes a boundary pixel. Iterations beyond max(height, width) count as max(height, width).
 void close_gaps_image(const bool* boundary, int64_t height, int64_t width, int64_t iterations, bool* out);
 
 // FLOOD + SEGMENT (Algorithms 2-3). Writes region ids 0.. in scan order of their first pixel and

@@ -1,0 +1,462 @@
+"""unet.postprocess (C++) against the plain Python reference of Algorithms 2-4 and independent
+oracles (NumPy, scipy.ndimage), plus the paper's claim that 2-thick boundaries let FLOOD recover
+the regions of a label map."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from unet import postprocess
+
+import postprocess_reference as reference
+
+FEW = settings(max_examples=60, deadline=None)
+SOME = settings(max_examples=120, deadline=None)
+
+
+# ----------------------------------------------------------------------------- input generators
+
+
+@st.composite
+def label_maps(draw, max_side=12, max_labels=4):
+    h, w = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return rng.integers(0, draw(st.integers(1, max_labels)), size=(h, w))
+
+
+@st.composite
+def boundaries(draw, max_side=14):
+    h, w = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return rng.random((h, w)) < draw(st.sampled_from([0.0, 0.2, 0.4, 0.6, 0.8, 1.0]))
+
+
+def _probabilities(rng, num_labels, shape, kind, dtype):
+    """kind 'smooth': Dirichlet vectors; 'sharp': mostly confident; 'coarse': small integers
+    normalized, with exact ties and all-zero pixels."""
+    if kind == "coarse":
+        probs = rng.integers(0, 3, size=(num_labels, *shape)).astype(np.float64)
+        total = probs.sum(axis=0, keepdims=True)
+        probs = np.divide(probs, total, out=np.zeros_like(probs), where=total > 0)
+    else:
+        alpha = 0.2 if kind == "sharp" else 2.0
+        probs = rng.dirichlet(np.full(num_labels, alpha), size=shape).transpose(2, 0, 1)
+    return probs.astype(dtype)
+
+
+@st.composite
+def dust_fill_inputs(draw, max_side=12):
+    boundary = draw(boundaries(max_side))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    num_labels = draw(st.integers(1, 5))
+    kind = draw(st.sampled_from(["smooth", "sharp", "coarse"]))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    probs = _probabilities(rng, num_labels, boundary.shape, kind, dtype)
+    regions, _ = postprocess.segment(boundary, draw(st.integers(0, 6)))
+    per_label = draw(st.booleans())
+    new_threshold = list(rng.uniform(0.3, 1.1, num_labels)) if per_label else draw(st.floats(0.0, 1.1))
+    join_threshold = draw(st.floats(0.001, 0.5))
+    impatience = draw(st.floats(1.05, 3.0))
+    return probs, regions, new_threshold, join_threshold, impatience
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to renaming ids: the same pixels unassigned (-1), and ids in one-to-one
+    correspondence."""
+    if a.shape != b.shape or not np.array_equal(a < 0, b < 0):
+        return False
+    pairs = np.unique(np.stack([a[a >= 0], b[b >= 0]]), axis=1)
+    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+
+
+# ----------------------------------------------------------------------------- boundary_from_labels
+
+
+@FEW
+@given(label_maps(), st.sampled_from([np.uint8, np.int8, np.int16, np.int32, np.int64, np.uint16, np.uint64]))
+def test_boundary_from_labels_matches_reference(labels, dtype):
+    labels = labels.astype(dtype)
+    assert np.array_equal(postprocess.boundary_from_labels(labels), reference.boundary_from_labels(labels))
+
+
+def test_boundary_from_labels_is_two_cells_thick():
+    labels = np.zeros((4, 6), dtype=np.int64)
+    labels[:, 3:] = 7
+    expected = np.zeros((4, 6), dtype=bool)
+    expected[:, 2:4] = True
+    assert np.array_equal(postprocess.boundary_from_labels(labels), expected)
+
+
+# ----------------------------------------------------------------------------- close_gaps
+
+
+def _scipy_closing(boundary, iterations):
+    """Closing by the octagon that alternating 8- and 4-neighbour steps grow from one pixel, on a
+    canvas that surrounds the image with non-boundary pixels."""
+    if iterations == 0:
+        return boundary
+    octagon = np.zeros((2 * iterations + 1,) * 2, dtype=bool)
+    octagon[iterations, iterations] = True
+    for i in range(iterations):
+        octagon = ndimage.binary_dilation(octagon, ndimage.generate_binary_structure(2, 2 - i % 2))
+    pad = iterations + 1
+    return ndimage.binary_closing(np.pad(boundary, pad), octagon)[pad:-pad, pad:-pad]
+
+
+@SOME
+@given(boundaries(), st.integers(0, 4))
+def test_close_gaps_matches_dilate_then_erode(boundary, iterations):
+    closed = postprocess.close_gaps(boundary, iterations)
+    assert np.array_equal(closed, reference.close_gaps(boundary, iterations))
+    assert np.array_equal(closed, _scipy_closing(boundary, iterations))
+    assert not (boundary & ~closed).any(), "closing never removes boundary"
+
+
+@FEW
+@given(boundaries(max_side=8))
+def test_close_gaps_caps_iterations_at_the_larger_side(boundary):
+    assert np.array_equal(postprocess.close_gaps(boundary, 10**12), reference.close_gaps(boundary, max(boundary.shape)))
+
+
+@pytest.mark.parametrize("gap", [1, 2, 3])
+def test_close_gaps_closes_straight_and_diagonal_gaps(gap):
+    """A 2-thick line with `gap` pixels (straight) or rows (diagonal) missing is whole again after
+    `gap` (straight) or `2 * gap` (diagonal) iterations, and separates the two sides."""
+    straight = np.zeros((14, 16), dtype=bool)
+    straight[6:8, :] = True
+    diagonal = np.eye(16, dtype=bool) | np.eye(16, k=1, dtype=bool)
+    for line, gap_cells, iterations in ((straight, np.s_[:, 6 : 6 + gap], gap), (diagonal, np.s_[6 : 6 + gap, :], 2 * gap)):
+        broken = line.copy()
+        broken[gap_cells] = False
+        assert postprocess.segment(broken, 1)[1] == 1, "the gap lets the flood through"
+        closed = postprocess.close_gaps(broken, iterations)
+        assert closed[line].all()
+        assert postprocess.segment(closed, 1)[1] == 2
+
+
+# ----------------------------------------------------------------------------- segment
+
+
+@SOME
+@given(boundaries(), st.integers(0, 6))
+def test_segment_matches_flood_reference(boundary, min_size):
+    regions, count = postprocess.segment(boundary, min_size)
+    expected, expected_count = reference.segment(boundary, min_size)
+    assert regions.dtype == np.int32 and count == expected_count
+    assert same_partition(regions, expected)
+    # ids are numbered in scan order of each region's first pixel
+    flat = regions.ravel()
+    firsts = [np.flatnonzero(flat == k)[0] for k in range(count)]
+    assert firsts == sorted(firsts) and set(np.unique(flat)) <= set(range(-1, count))
+
+
+def _expected_regions(labels: np.ndarray) -> list[np.ndarray]:
+    """Per 4-connected region of `labels`: its pixels except boundary cells with no non-boundary
+    4-neighbour (which FLOOD cannot claim and leaves to DUST_FILL)."""
+    boundary = reference.boundary_from_labels(labels)
+    interior = np.pad(~boundary, 1)
+    next_to_interior = interior[:-2, 1:-1] | interior[2:, 1:-1] | interior[1:-1, :-2] | interior[1:-1, 2:]
+    claimable = ~boundary | next_to_interior
+    expected = []
+    for value in np.unique(labels):
+        components, n = ndimage.label(labels == value)
+        expected += [(components == k) & claimable for k in range(1, n + 1)]
+    return expected
+
+
+def _assert_recovers(labels: np.ndarray, min_size: int):
+    regions, count = postprocess.segment(postprocess.boundary_from_labels(labels), min_size)
+    expected = _expected_regions(labels)
+    assert count == len(expected)
+    for mask in expected:
+        assert ndimage.label(mask)[1] == 1, "test input must have a connected interior per region"
+        ids = np.unique(regions[mask])
+        assert len(ids) == 1 and ids[0] >= 0
+        assert np.array_equal(regions == ids[0], mask)
+    assert (regions[~np.any(expected, axis=0)] == -1).all()
+
+
+@FEW
+@given(st.data())
+def test_segment_recovers_rectangles_at_least_3_wide(data):
+    """A grid of cells at least 3 pixels wide, neighbouring cells possibly sharing a label."""
+
+    def cuts():
+        return np.cumsum([0, *data.draw(st.lists(st.integers(3, 7), min_size=1, max_size=4))])
+
+    rows, cols = cuts(), cuts()
+    cell_labels = data.draw(
+        st.lists(st.integers(0, 3), min_size=(len(rows) - 1) * (len(cols) - 1), max_size=(len(rows) - 1) * (len(cols) - 1))
+    )
+    labels = np.repeat(np.repeat(np.array(cell_labels).reshape(len(rows) - 1, len(cols) - 1), np.diff(rows), 0), np.diff(cols), 1)
+    _assert_recovers(labels, min_size=data.draw(st.integers(2, 5)))
+
+
+@FEW
+@given(st.lists(st.tuples(st.integers(1, 3), st.integers(3, 5)), min_size=1, max_size=4), st.integers(2, 4))
+def test_segment_recovers_discs(discs, min_size):
+    """Discs of radius 3-5 on a background, 4 pixels apart and from the edges."""
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), dtype=np.int64)
+    for i, (label, radius) in enumerate(discs):
+        cy, cx = 10 + 15 * (i // 2) * 2, 10 + 30 * (i % 2)
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = label
+    _assert_recovers(labels, min_size)
+
+
+@SOME
+@given(label_maps(max_side=14, max_labels=5))
+def test_segment_never_spans_two_labels(labels):
+    regions, count = postprocess.segment(postprocess.boundary_from_labels(labels), 0)
+    for k in range(count):
+        assert len(np.unique(labels[regions == k])) == 1
+
+
+def test_segment_no_boundary_is_one_region_all_boundary_is_singletons():
+    regions, count = postprocess.segment(np.zeros((5, 7), dtype=bool), 10)
+    assert count == 1 and (regions == 0).all()
+    regions, count = postprocess.segment(np.ones((5, 7), dtype=bool), 1)
+    assert count == 35 and np.array_equal(regions.ravel(), np.arange(35))
+    regions, count = postprocess.segment(np.ones((5, 7), dtype=bool), 2)
+    assert count == 0 and (regions == -1).all()
+
+
+def test_segment_one_thick_boundary_does_not_stop_the_flood():
+    boundary = np.zeros((5, 9), dtype=bool)
+    boundary[:, 4] = True
+    regions, count = postprocess.segment(boundary, 1)
+    assert count == 1 and (regions == 0).all()
+    boundary[:, 5] = True
+    regions, count = postprocess.segment(boundary, 1)
+    assert count == 2 and (regions[:, :5] == 0).all() and (regions[:, 5:] == 1).all()
+
+
+def test_segment_4096_square_single_region():
+    regions, count = postprocess.segment(np.zeros((4096, 4096), dtype=bool), 10)
+    assert count == 1 and not regions.any()
+
+
+def test_segment_4096_square_serpentine():
+    """One region winding through the whole image: the worst case for a recursive flood."""
+    boundary = np.zeros((4096, 4096), dtype=bool)
+    walls = np.arange(2, 4092, 4)  # 2-thick walls on rows w, w + 1; open at alternating ends
+    for w, left_open in zip(walls, np.arange(len(walls)) % 2 == 0):
+        boundary[w : w + 2, slice(2, None) if left_open else slice(None, -2)] = True
+    regions, count = postprocess.segment(boundary, 10)
+    assert count == 1 and not regions.any()
+
+
+# ----------------------------------------------------------------------------- dust_fill / argmax
+
+
+@SOME
+@given(dust_fill_inputs())
+def test_dust_fill_matches_reference_exactly(inputs):
+    probs, regions, new_threshold, join_threshold, impatience = inputs
+    labels = postprocess.dust_fill(probs, regions, new_threshold, join_threshold, impatience)
+    expected = reference.dust_fill(probs, regions, new_threshold, join_threshold, impatience)
+    assert labels.dtype == np.int64
+    assert np.array_equal(labels, expected)
+
+
+def test_dust_fill_covering_regions_take_their_pooled_argmax():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(6), size=(20, 30)).transpose(2, 0, 1)
+    regions = (np.arange(20)[:, None] // 7) * 5 + np.arange(30)[None, :] // 7
+    labels = postprocess.dust_fill(probs, regions.astype(np.int32))
+    for k in np.unique(regions):
+        assert (labels[regions == k] == probs[:, regions == k].sum(axis=1).argmax()).all()
+
+
+def test_dust_fill_promotes_confident_pixels_and_grows_masks():
+    probs = np.full((3, 5, 5), 1 / 3)
+    probs[:, 2, 2] = [0.0, 0.9, 0.1]  # confident: promoted to label 1; everything else joins it
+    regions = np.full((5, 5), -1, dtype=np.int32)
+    assert (postprocess.dust_fill(probs, regions, 0.5) == 1).all()
+    # nothing confident and no region: Algorithm 4 cannot start, the argmax stands in
+    assert np.array_equal(postprocess.dust_fill(probs, regions, 0.95), probs.argmax(axis=0))
+
+
+@FEW
+@given(st.integers(1, 6), st.integers(1, 9), st.integers(1, 9), st.sampled_from(["smooth", "coarse"]), st.integers(0, 2**32 - 1))
+def test_argmax_labels_first_maximum(num_labels, h, w, kind, seed):
+    probs = _probabilities(np.random.default_rng(seed), num_labels, (h, w), kind, np.float32)
+    assert np.array_equal(postprocess.argmax_labels(probs), np.argmax(probs, axis=0))
+
+
+# ----------------------------------------------------------------------------- postprocess
+
+
+@FEW
+@given(dust_fill_inputs(), st.floats(0.1, 0.9), st.integers(0, 3), st.integers(0, 2**32 - 1))
+def test_postprocess_matches_reference_chain(inputs, boundary_threshold, gap_iterations, seed):
+    probs, _, new_threshold, join_threshold, impatience = inputs
+    boundary_prob = np.random.default_rng(seed).random(probs.shape[1:])
+    args = (boundary_threshold, gap_iterations, 3, new_threshold, join_threshold, impatience)
+    labels, regions = postprocess.postprocess(probs, boundary_prob, *args, return_regions=True)
+    expected_labels, expected_regions = reference.postprocess(probs, boundary_prob, *args)
+    assert np.array_equal(labels, expected_labels)
+    assert np.array_equal(regions, expected_regions)
+
+
+def test_postprocess_recovers_a_clean_prediction():
+    """Exact boundaries, confused probabilities: every pixel of a region gets its true label;
+    only the corner cells left to DUST_FILL's joining may not."""
+    labels = np.zeros((40, 50), dtype=np.int64)
+    labels[5:25, 5:20], labels[10:35, 25:45], labels[28:36, 3:15] = 1, 2, 3
+    rng = np.random.default_rng(0)
+    noise = rng.dirichlet(np.ones(4), size=labels.shape).transpose(2, 0, 1)
+    probs = 0.3 * np.eye(4)[labels].transpose(2, 0, 1) + 0.7 * noise
+    boundary_prob = postprocess.boundary_from_labels(labels).astype(np.float32)
+    result, regions = postprocess.postprocess(probs, boundary_prob, gap_iterations=0, min_size=2, new_threshold=1.01, return_regions=True)
+    assert np.array_equal(result[regions >= 0], labels[regions >= 0])
+    assert (regions < 0).sum() <= 4 * 4 + 4, "only corners are unassigned"
+    assert (postprocess.argmax_labels(probs) != labels).sum() > 10 * (result != labels).sum()
+
+
+# ----------------------------------------------------------------------------- input forms
+
+
+def _batch_inputs():
+    """probs, boundary_prob, label map and boundary map of a batch of 3 images."""
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(5), size=(3, 17, 23)).transpose(0, 3, 1, 2).astype(np.float32)
+    boundary_prob = rng.random((3, 17, 23)).astype(np.float32)
+    labels = rng.integers(0, 3, size=(3, 17, 23))
+    return probs, boundary_prob, labels, boundary_prob > 0.5
+
+
+CALLS = {
+    "boundary_from_labels": lambda p, b, l, m: postprocess.boundary_from_labels(l),
+    "close_gaps": lambda p, b, l, m: postprocess.close_gaps(m, 2),
+    "segment": lambda p, b, l, m: postprocess.segment(m, 2)[0],
+    "dust_fill": lambda p, b, l, m: postprocess.dust_fill(p, postprocess.segment(m, 2)[0]),
+    "argmax_labels": lambda p, b, l, m: postprocess.argmax_labels(p),
+    "postprocess": lambda p, b, l, m: postprocess.postprocess(p, b, gap_iterations=1, min_size=2),
+}
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_batch_equals_single_images_and_torch_equals_numpy(name):
+    call = CALLS[name]
+    inputs = _batch_inputs()
+    batch = call(*inputs)
+    assert isinstance(batch, np.ndarray)
+    for i in range(len(inputs[0])):
+        assert np.array_equal(batch[i], call(*(a[i] for a in inputs)))
+    as_torch = call(*map(torch.from_numpy, inputs))
+    assert isinstance(as_torch, torch.Tensor) and np.array_equal(as_torch.numpy(), batch)
+
+
+def _read_only(array):
+    array = array.copy()
+    array.flags.writeable = False
+    return array
+
+
+LAYOUTS = {
+    "fortran": np.asfortranarray,
+    "sliced": lambda a: a[..., ::2],
+    "reversed": lambda a: a[..., ::-1],
+    "big-endian": lambda a: a.astype(a.dtype.newbyteorder(">")),
+    "read-only": _read_only,
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", CALLS)
+def test_any_memory_layout(name, layout):
+    call, change = CALLS[name], LAYOUTS[layout]
+    inputs = _batch_inputs()
+    expected = call(*(np.ascontiguousarray(change(a)) for a in inputs))
+    assert np.array_equal(call(*(change(a) for a in inputs)), expected)
+    # a transposed torch view
+    transposed = [torch.from_numpy(np.ascontiguousarray(np.swapaxes(a, -1, -2))).transpose(-1, -2) for a in inputs]
+    assert np.array_equal(call(*transposed).numpy(), call(*inputs))
+
+
+def test_thin_and_degenerate_images():
+    for shape in [(1, 1), (1, 9), (9, 1)]:
+        rng = np.random.default_rng(sum(shape))
+        labels = rng.integers(0, 2, size=shape)
+        boundary = postprocess.boundary_from_labels(labels)
+        assert np.array_equal(boundary, reference.boundary_from_labels(labels))
+        assert same_partition(postprocess.segment(boundary, 1)[0], reference.segment(boundary, 1)[0])
+        probs = rng.dirichlet(np.ones(3), size=shape).transpose(2, 0, 1)
+        assert np.array_equal(postprocess.postprocess(probs, boundary * 1.0, min_size=1), reference.postprocess(probs, boundary * 1.0, 0.5, 5, 1, 0.5, 0.05, 1.5)[0])
+    empty = postprocess.segment(np.zeros((0, 4), dtype=bool), 1)
+    assert empty[0].shape == (0, 4) and empty[1] == 0
+
+
+def test_boundary_prob_with_channel_and_regions_returned():
+    probs, boundary_prob, _, _ = _batch_inputs()
+    labels = postprocess.postprocess(torch.from_numpy(probs), torch.from_numpy(boundary_prob[:, None]))
+    labels2, regions = postprocess.postprocess(probs, boundary_prob, return_regions=True)
+    assert np.array_equal(labels.numpy(), labels2) and regions.dtype == np.int32 and regions.shape == labels2.shape
+    single = postprocess.postprocess(probs[0], boundary_prob[0][None])
+    assert np.array_equal(single, labels2[0])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+P = np.full((2, 4, 5), 0.5, dtype=np.float32)
+R = np.zeros((4, 5), dtype=np.int32)
+B = np.zeros((4, 5), dtype=bool)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: postprocess.boundary_from_labels(np.zeros(5, dtype=np.int64)), ValueError, "labels: expected shape"),
+        (lambda: postprocess.boundary_from_labels(np.zeros((3, 3))), TypeError, "labels: expected an integer"),
+        (lambda: postprocess.boundary_from_labels([[1, 2]]), TypeError, "labels: expected a torch.Tensor"),
+        (lambda: postprocess.close_gaps(B, -1), ValueError, "iterations: expected a non-negative"),
+        (lambda: postprocess.close_gaps(B, 1.5), TypeError, "iterations: expected an int"),
+        (lambda: postprocess.close_gaps(B.astype(np.uint8), 1), TypeError, "boundary: expected bool"),
+        (lambda: postprocess.segment(B, -3), ValueError, "min_size: expected a non-negative"),
+        (lambda: postprocess.segment(np.zeros((1, 2, 3, 4), dtype=bool)), ValueError, "boundary: expected shape"),
+        (lambda: postprocess.segment(np.zeros((4, 5))), TypeError, "boundary: expected bool"),
+        (lambda: postprocess.dust_fill(P, R[:, :4]), ValueError, "regions: expected shape"),
+        (lambda: postprocess.dust_fill(P.astype(np.float16), R), TypeError, "probs: expected float32 or float64"),
+        (lambda: postprocess.dust_fill(P[0], R), ValueError, "probs: expected shape"),
+        (lambda: postprocess.dust_fill(np.zeros((0, 4, 5)), R), ValueError, "probs: expected at least one label"),
+        (lambda: postprocess.dust_fill(P, R.astype(np.float32)), TypeError, "regions: expected an integer"),
+        (lambda: postprocess.dust_fill(P, R - 2), ValueError, "regions: expected ids"),
+        (lambda: postprocess.dust_fill(np.where(R == 0, np.nan, P), R), ValueError, "probs: expected finite"),
+        (lambda: postprocess.dust_fill(P * np.inf, R - 1), ValueError, "probs: expected finite"),
+        (lambda: postprocess.dust_fill(-P, R), ValueError, "probs: expected finite, non-negative"),
+        (lambda: postprocess.argmax_labels(P - 1), ValueError, "probs: expected finite, non-negative"),
+        (lambda: postprocess.dust_fill(P, R, new_threshold=-0.1), ValueError, "new_threshold: expected non-negative"),
+        (lambda: postprocess.dust_fill(P, R, new_threshold=[0.5]), ValueError, "new_threshold: expected 2 thresholds"),
+        (lambda: postprocess.dust_fill(P, R, new_threshold="a"), TypeError, "new_threshold"),
+        (lambda: postprocess.dust_fill(P, R, join_threshold=0.0), ValueError, "join_threshold: expected a finite number > 0"),
+        (lambda: postprocess.dust_fill(P, R, join_threshold=float("nan")), ValueError, "join_threshold"),
+        (lambda: postprocess.dust_fill(P, R, impatience=1.0), ValueError, "impatience: expected a finite number > 1"),
+        (lambda: postprocess.dust_fill(P, R, impatience=None), TypeError, "impatience: expected a real number"),
+        (lambda: postprocess.dust_fill(P, R, join_threshold=1e-300, impatience=1.0001), ValueError, "relaxation rounds"),
+        (lambda: postprocess.postprocess(P, np.full((4, 5), np.inf)), ValueError, "boundary_prob: expected finite"),
+        (lambda: postprocess.postprocess(P, np.zeros((4, 6))), ValueError, "boundary_prob: expected shape"),
+        (lambda: postprocess.postprocess(P, np.zeros((4, 5), dtype=np.int64)), TypeError, "boundary_prob: expected float32"),
+        (lambda: postprocess.postprocess(P, np.zeros((4, 5)), boundary_threshold=float("inf")), ValueError, "boundary_threshold"),
+        (lambda: postprocess.postprocess(P, np.zeros((4, 5)), gap_iterations=-1), ValueError, "gap_iterations"),
+        (lambda: postprocess.postprocess(P, np.zeros((4, 5)), min_size=-1), ValueError, "min_size"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_ops_check_their_inputs_too():
+    """Direct torch.ops callers get the same kind of errors from the C++ checks."""
+    with pytest.raises(ValueError, match="probs: expected a \\(B, L, H, W\\)"):
+        torch.ops.unet.argmax_labels(torch.zeros(3, 3))
+    with pytest.raises(TypeError, match="boundary: expected dtype"):
+        torch.ops.unet.segment(torch.zeros(1, 3, 3), 1)
+    with pytest.raises(ValueError, match="impatience"):
+        torch.ops.unet.dust_fill(torch.ones(1, 2, 3, 3), torch.zeros(1, 3, 3, dtype=torch.int32), torch.ones(2, dtype=torch.float64), 0.1, 0.5)
