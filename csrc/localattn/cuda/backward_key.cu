@@ -108,7 +108,7 @@ void backward_key_typed(const at::Tensor& grad_out, const at::Tensor& q, const a
       set_tiling(g, [](const Geometry& trial) { return KeyShared<T, acc_t>(nullptr, trial).bytes; });
   const auto kernel = backward_key_kernel<T, B>;
   allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes);
-  kernel<<<launch_grid(g, q.size(0)), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+  kernel<<<launch_grid(g, q.size(0)), launch_threads(g), bytes, c10::cuda::getCurrentCUDAStream()>>>(
       grad_out.data_ptr<T>(), q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
       bias.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
       static_cast<acc_t>(scale), g, grad_k.data_ptr<T>(), grad_v.data_ptr<T>());

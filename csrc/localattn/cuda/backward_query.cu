@@ -125,7 +125,7 @@ void backward_query_typed(const at::Tensor& grad_out, const at::Tensor& q, const
       set_tiling(g, [](const Geometry& trial) { return QueryShared<T, acc_t>(nullptr, trial).bytes; });
   const auto kernel = backward_query_kernel<T, B>;
   allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes);
-  kernel<<<launch_grid(g, q.size(0)), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+  kernel<<<launch_grid(g, q.size(0)), launch_threads(g), bytes, c10::cuda::getCurrentCUDAStream()>>>(
       grad_out.data_ptr<T>(), q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
       bias.data_ptr<acc_t>(), out.data_ptr<T>(), lse.data_ptr<acc_t>(), static_cast<acc_t>(scale),
       g, grad_q.data_ptr<T>(), delta.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>());

@@ -117,7 +117,7 @@ void forward_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       set_tiling(g, [](const Geometry& trial) { return ForwardShared<T, acc_t>(nullptr, trial).bytes; });
   const auto kernel = forward_kernel<T, B>;
   allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes);
-  kernel<<<launch_grid(g, q.size(0)), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+  kernel<<<launch_grid(g, q.size(0)), launch_threads(g), bytes, c10::cuda::getCurrentCUDAStream()>>>(
       q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), bias.data_ptr<acc_t>(),
       static_cast<acc_t>(scale), g, out.data_ptr<T>(), lse.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -33,7 +33,7 @@
 
 namespace localattn::cuda {
 
-constexpr int kThreads = 256;     // threads per block of every kernel
+constexpr int kThreads = 256;     // most threads per block of every kernel
 constexpr int kChunk = 8;         // head-dimension elements per register chunk
 constexpr int kSoftmaxLanes = 4;  // lanes that share one score row in the forward softmax
 
@@ -72,7 +72,7 @@ class SharedCarver {
   C10_HOST_DEVICE explicit SharedCarver(unsigned char* base) : base_(base) {}
   template <typename U>
   C10_HOST_DEVICE U* take(int64_t count) {
-    U* region = reinterpret_cast<U*>(base_ + offset_);
+    U* region = base_ != nullptr ? reinterpret_cast<U*>(base_ + offset_) : nullptr;
     offset_ += (count * static_cast<int64_t>(sizeof(U)) + 15) / 16 * 16;
     return region;
   }
@@ -368,6 +368,10 @@ void allow_shared_memory(const void* kernel, int64_t bytes);
 
 // Grid of one launch: x = tile * heads + head, y = batch item.
 dim3 launch_grid(const Geometry& g, int64_t batch);
+
+// Threads per block: kThreads, or fewer (whole warps) when a small tile has fewer work items
+// (pixel pairs, pixel chunks) than that, so that small tiles leave no warps idle.
+int launch_threads(const Geometry& g);
 
 template <typename F>
 void with_block_size(int64_t b, F&& f) {

@@ -73,6 +73,12 @@ dim3 launch_grid(const Geometry& g, int64_t batch) {
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(batch));
 }
 
+int launch_threads(const Geometry& g) {
+  const int pair_items = 9 * g.tile_pixels();  // for_each_pair: b x b pairs per item
+  const int items = std::max(pair_items, g.tile_pixels() * g.chunks);
+  return std::min(kThreads, (items + 31) / 32 * 32);
+}
+
 namespace {
 
 at::ScalarType accumulate_type(at::ScalarType dtype) {
