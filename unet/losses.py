@@ -103,7 +103,8 @@ def boundary_bce(boundary_logits: torch.Tensor, boundary: torch.Tensor, fn_weigh
     """Mean binary cross entropy with logits; boundary pixels (target 1) weigh ``fn_weight``."""
     if boundary.shape != boundary_logits.shape:
         raise ValueError(
-            f"boundary must have the shape of boundary_logits {tuple(boundary_logits.shape)}, got {tuple(boundary.shape)}"
+            f"boundary must have the shape of boundary_logits {tuple(boundary_logits.shape)}, "
+            f"got {tuple(boundary.shape)}"
         )
     pos_weight = torch.tensor(fn_weight, device=boundary_logits.device, dtype=torch.float32)
     return F.binary_cross_entropy_with_logits(boundary_logits.float(), boundary.float(), pos_weight=pos_weight)
@@ -151,11 +152,14 @@ class SegmentationLoss(nn.Module):
         sparsity_clamp: float = 0.04,
     ) -> None:
         super().__init__()
-        weights = DEFAULT_LABEL_WEIGHTS if label_weights is None else torch.as_tensor(label_weights, dtype=torch.float32)
+        weights = DEFAULT_LABEL_WEIGHTS if label_weights is None else torch.as_tensor(label_weights)
         if weights.dim() != 1:
-            raise ValueError(f"label_weights must be a 1-D tensor of per-label weights, got shape {tuple(weights.shape)}")
-        for name, value in (("ce_weight", ce_weight), ("iou_weight", iou_weight), ("boundary_weight", boundary_weight),
-                            ("fn_weight", fn_weight), ("sparsity_weight", sparsity_weight), ("edge_weight", edge_weight)):
+            raise ValueError(
+                f"label_weights must be a 1-D tensor of per-label weights, got shape {tuple(weights.shape)}"
+            )
+        term_weights = {"ce_weight": ce_weight, "iou_weight": iou_weight, "boundary_weight": boundary_weight,
+                        "fn_weight": fn_weight, "sparsity_weight": sparsity_weight, "edge_weight": edge_weight}
+        for name, value in term_weights.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if log_clamp <= 0:

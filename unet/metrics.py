@@ -42,9 +42,12 @@ class ConfusionMatrix:
         """Count a batch of predicted and true label maps (any equal shapes, integer dtypes)."""
         for name, tensor in (("pred", pred), ("target", target)):
             if not isinstance(tensor, torch.Tensor) or tensor.is_floating_point() or tensor.is_complex():
-                raise TypeError(f"{name} must be an integer tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}")
+                got = getattr(tensor, "dtype", type(tensor).__name__)
+                raise TypeError(f"{name} must be an integer tensor, got {got}")
         if pred.shape != target.shape:
-            raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+            raise ValueError(
+                f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+            )
         pred = pred.to(self.matrix.device, torch.int64).flatten()
         target = target.to(self.matrix.device, torch.int64).flatten()
         check_label_range(pred, self.num_labels, "pred")

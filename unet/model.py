@@ -132,14 +132,20 @@ class AttentionUNet(nn.Module):
             DownBlock(cin, cout, config.convs_per_block, groups) for cin, cout in zip(encoder_inputs, widths)
         )
         self.bottleneck = nn.Sequential(
-            *(BottleneckBlock(widths[-1], config.heads, config.mlp_ratio, groups) for _ in range(config.bottleneck_blocks))
+            *(
+                BottleneckBlock(widths[-1], config.heads, config.mlp_ratio, groups)
+                for _ in range(config.bottleneck_blocks)
+            )
         )
         # Decoder level l outputs the width of the encoder level it meets; the last level keeps w_0.
         skip_widths = encoder_inputs[::-1]
         out_widths = widths[:-1][::-1] + (widths[0],)
         in_widths = (widths[-1],) + out_widths[:-1]
         self.decoder = nn.ModuleList(
-            UpBlock(cin, cskip, cout, config.convs_per_block, groups, self._local_attention(level, cin=cout + cskip, cout=cout))
+            UpBlock(
+                cin, cskip, cout, config.convs_per_block, groups,
+                local_attention=self._local_attention(level, cin=cout + cskip, cout=cout),
+            )
             for level, (cin, cskip, cout) in enumerate(zip(in_widths, skip_widths, out_widths))
         )
         self.label_head = nn.Conv2d(widths[0], config.num_labels, 1)
