@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
 from unet import postprocess
@@ -183,15 +184,10 @@ def _assert_recovers(labels: np.ndarray, min_size: int):
 @given(st.data())
 def test_segment_recovers_rectangles_at_least_3_wide(data):
     """A grid of cells at least 3 pixels wide, neighbouring cells possibly sharing a label."""
-
-    def cuts():
-        return np.cumsum([0, *data.draw(st.lists(st.integers(3, 7), min_size=1, max_size=4))])
-
-    rows, cols = cuts(), cuts()
-    cell_labels = data.draw(
-        st.lists(st.integers(0, 3), min_size=(len(rows) - 1) * (len(cols) - 1), max_size=(len(rows) - 1) * (len(cols) - 1))
-    )
-    labels = np.repeat(np.repeat(np.array(cell_labels).reshape(len(rows) - 1, len(cols) - 1), np.diff(rows), 0), np.diff(cols), 1)
+    row_widths = data.draw(st.lists(st.integers(3, 7), min_size=1, max_size=4))
+    col_widths = data.draw(st.lists(st.integers(3, 7), min_size=1, max_size=4))
+    cells = data.draw(arrays(np.int64, (len(row_widths), len(col_widths)), elements=st.integers(0, 3)))
+    labels = np.repeat(np.repeat(cells, row_widths, axis=0), col_widths, axis=1)
     _assert_recovers(labels, min_size=data.draw(st.integers(2, 5)))
 
 

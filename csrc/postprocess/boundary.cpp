@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace unet_postprocess {
@@ -33,13 +34,25 @@ void threshold_image(const prob_t* boundary_prob, int64_t pixels, double thresho
 
 namespace {
 
-// In place, along every row: distance to the nearest source (0) of the row, or `far`.
+// In place, along every row: distance to the nearest source (0) of the row, or `far`. Each sweep
+// is a chain of dependent steps, so rows go in groups whose chains interleave.
 void row_distance(int32_t* d, int64_t height, int64_t width) {
-  for (int64_t y = 0; y < height; ++y) {
-    int32_t* row = d + y * width;
-    for (int64_t x = 1; x < width; ++x) row[x] = std::min(row[x], row[x - 1] + 1);
-    for (int64_t x = width - 2; x >= 0; --x) row[x] = std::min(row[x], row[x + 1] + 1);
-  }
+  constexpr int64_t kRows = 8;
+  int64_t y = 0;
+  auto sweep_rows = [&](auto rows) {
+    constexpr int64_t n = decltype(rows)::value;
+    int32_t* r[n];
+    for (int64_t i = 0; i < n; ++i) r[i] = d + (y + i) * width;
+    for (int64_t x = 1; x < width; ++x) {
+      for (int64_t i = 0; i < n; ++i) r[i][x] = std::min(r[i][x], r[i][x - 1] + 1);
+    }
+    for (int64_t x = width - 2; x >= 0; --x) {
+      for (int64_t i = 0; i < n; ++i) r[i][x] = std::min(r[i][x], r[i][x + 1] + 1);
+    }
+    y += n;
+  };
+  while (y + kRows <= height) sweep_rows(std::integral_constant<int64_t, kRows>{});
+  while (y < height) sweep_rows(std::integral_constant<int64_t, 1>{});
 }
 
 // In place, along every column, sweeping whole rows at a time (which vectorizes).

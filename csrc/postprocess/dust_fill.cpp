@@ -110,28 +110,32 @@ class DustFill {
 
   // One streaming pass over the label planes, in blocks of labels: sums each region's
   // probabilities per label in scan order, and copies the unassigned pixels' probabilities next
-  // to each other (the only ones read again, and read whole), validating every value.
+  // to each other (the only ones read again, and read whole: promotion validates them). Region
+  // pixels are validated without a branch per value: NaN and infinities show in the sums,
+  // negative values in the smallest value seen.
   void read_probabilities(const int32_t* regions) {
     constexpr int64_t kBlock = 8;
     unassigned_probs_.resize(unassigned_.size() * L_);
-    bool valid = true;
+    prob_t lowest = 0;
     int64_t l = 0;
-    for (; l + kBlock <= L_; l += kBlock) valid &= read_label_block<kBlock>(regions, l);
-    for (; l < L_; ++l) valid &= read_label_block<1>(regions, l);
+    for (; l + kBlock <= L_; l += kBlock) lowest = std::min(lowest, read_label_block<kBlock>(regions, l));
+    for (; l < L_; ++l) lowest = std::min(lowest, read_label_block<1>(regions, l));
+    bool valid = lowest >= 0;
+    for (const double sum : stats_) valid &= std::isfinite(sum);
     check_probabilities(valid);
   }
 
-  // Region sums stay in registers along each run of one region.
+  // Region sums stay in registers along each run of one region. Returns the smallest value read.
   template <int64_t kBlock>
-  bool read_label_block(const int32_t* regions, int64_t first_label) {
+  prob_t read_label_block(const int32_t* regions, int64_t first_label) {
     const prob_t* planes = probs_ + first_label * HW_;
     prob_t* copy = unassigned_probs_.data() + first_label;
-    bool valid = true;
+    prob_t lowest[kBlock] = {};
     int64_t p = 0;
     while (p < HW_) {
       const int32_t k = regions[p];
       if (k < 0) {
-        for (int64_t j = 0; j < kBlock; ++j) copy[j] = planes[j * HW_ + p], valid &= is_probability(copy[j]);
+        for (int64_t j = 0; j < kBlock; ++j) copy[j] = planes[j * HW_ + p];
         copy += L_;
         ++p;
         continue;
@@ -142,13 +146,13 @@ class DustFill {
       for (; p < HW_ && regions[p] == k; ++p) {
         for (int64_t j = 0; j < kBlock; ++j) {
           const prob_t v = planes[j * HW_ + p];
-          valid &= is_probability(v);
+          lowest[j] = std::min(lowest[j], v);
           sum[j] += static_cast<double>(v);
         }
       }
       for (int64_t j = 0; j < kBlock; ++j) s[j] = sum[j];
     }
-    return valid;
+    return *std::min_element(lowest, lowest + kBlock);
   }
 
   const prob_t* unassigned_probs(int64_t slot) const { return unassigned_probs_.data() + slot * L_; }
@@ -157,6 +161,9 @@ class DustFill {
   // mask; the others are stacked, in scan order, with patience 1.
   std::vector<Pending> promote_confident_pixels(const double* new_threshold) {
     std::vector<Pending> stack;
+    bool valid = true;
+    for (const prob_t v : unassigned_probs_) valid &= is_probability(v);
+    check_probabilities(valid);
     for (int64_t slot = 0; slot < static_cast<int64_t>(unassigned_.size()); ++slot) {
       const prob_t* v = unassigned_probs(slot);
       const int64_t label = std::max_element(v, v + L_) - v;  // the first maximum
@@ -259,16 +266,8 @@ void argmax_image(const prob_t* probs, int64_t num_labels, int64_t pixels, int64
 }
 
 template <typename prob_t>
-void dust_fill_image(
-    const prob_t* probs,
-    const int32_t* regions,
-    int64_t num_labels,
-    int64_t height,
-    int64_t width,
-    const double* new_threshold,
-    double join_threshold,
-    double impatience,
-    int64_t* out) {
+void dust_fill_image(const prob_t* probs, const int32_t* regions, int64_t num_labels, int64_t height, int64_t width,
+                     const double* new_threshold, double join_threshold, double impatience, int64_t* out) {
   DustFill<prob_t> fill(probs, regions, num_labels, height, width);
   if (fill.run(new_threshold, join_threshold, impatience)) {
     fill.write_labels(out);
