@@ -2,11 +2,12 @@
 // contract in shared/design/local-attention.md).
 //
 // Query (y, x) of block (y/b, x/b) attends to the keys of the 3x3 neighbouring blocks that lie in
-// the image (and, if symmetric, within b pixels in each direction); that key set is always a
-// rectangle, so every loop below walks a rectangle of key pixels.
+// the image (and, if symmetric, within b pixels in each direction). All queries of a block share
+// that window (a rectangle); the symmetric mask only sets some of its scores to -inf.
 //
-// Work is split into items (batch, block row, head). The forward writes only the item's own
-// queries. The backward also scatters into dk/dv of the block rows above and below, so it runs
+// Work is split into items (batch, block row, head). An item first copies the key rows its
+// block row sees into a transposed "strip" (see Strip), then walks its queries; every loop over
+// keys is then a contiguous SIMD loop. The forward writes only the item's own queries. The backward also scatters into dk/dv of the block rows above and below, so it runs
 // in three phases (block row mod 3): items of one phase touch disjoint key rows, hence no race
 // and no per-thread copies of dk/dv. The bias gradient is summed per thread, then reduced.
 //
