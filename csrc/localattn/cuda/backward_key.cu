@@ -3,9 +3,6 @@
 //   dv_j = sum_i p_ij dO_i,  dk_j = scale * sum_i dS_ij q_i,  dS_ij = p_ij (<dO_i, v_j> - delta_i)
 // are complete within the thread block and written once, without atomics. p is recomputed from
 // the saved lse; delta comes from the query-centric kernel (backward_query.cu).
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-
 #include "local_attention_cuda.cuh"
 
 namespace localattn::cuda {
@@ -50,21 +47,19 @@ __device__ void stage_halo_statistics(const Geometry& g, const TilePosition& t,
 
 template <typename T, int B>
 __global__ void __launch_bounds__(kThreads) backward_key_kernel(
-    const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
+    Geometry g, const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
     const T* __restrict__ v, const at::opmath_type<T>* __restrict__ bias,
     const at::opmath_type<T>* __restrict__ lse, const at::opmath_type<T>* __restrict__ delta,
-    at::opmath_type<T> scale, Geometry g, T* __restrict__ grad_k, T* __restrict__ grad_v) {
+    at::opmath_type<T> scale, T* __restrict__ grad_k, T* __restrict__ grad_v) {
   using acc_t = at::opmath_type<T>;
   extern __shared__ __align__(16) unsigned char shared[];
   const KeyShared<T, acc_t> s(shared, g);
   const TilePosition t = tile_position(g);
-  const auto tile_of = [&](int i) { return tile_pixel(g, t, i); };
-  const auto halo_of = [&](int i) { return halo_pixel(g, t, i); };
 
-  stage_rows(g, k, t.n, t.h, g.tile_pixels(), tile_of, s.key);
-  stage_rows(g, v, t.n, t.h, g.tile_pixels(), tile_of, s.value);
-  stage_rows(g, q, t.n, t.h, g.halo_pixels(), halo_of, s.query);
-  stage_rows(g, grad_out, t.n, t.h, g.halo_pixels(), halo_of, s.grad_out);
+  stage_tile_rows(g, t, k, s.key);
+  stage_tile_rows(g, t, v, s.value);
+  stage_halo_rows(g, t, q, s.query);
+  stage_halo_rows(g, t, grad_out, s.grad_out);
   stage_bias(g, bias, t.h, s.bias);
   stage_halo_statistics(g, t, lse, delta, s.lse, s.delta);
   __syncthreads();
@@ -98,23 +93,6 @@ __global__ void __launch_bounds__(kThreads) backward_key_kernel(
   for_each_weighted_chunk<B>(g, s.score, s.query, store_to(grad_k, scale));
 }
 
-template <typename T, int B>
-void backward_key_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& bias, const at::Tensor& lse,
-                        const at::Tensor& delta, double scale, Geometry g, at::Tensor& grad_k,
-                        at::Tensor& grad_v) {
-  using acc_t = at::opmath_type<T>;
-  const int64_t bytes =
-      set_tiling(g, [](const Geometry& trial) { return KeyShared<T, acc_t>(nullptr, trial).bytes; });
-  const auto kernel = backward_key_kernel<T, B>;
-  allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes);
-  kernel<<<launch_grid(g, q.size(0)), launch_threads(g), bytes, c10::cuda::getCurrentCUDAStream()>>>(
-      grad_out.data_ptr<T>(), q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
-      bias.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
-      static_cast<acc_t>(scale), g, grad_k.data_ptr<T>(), grad_v.data_ptr<T>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 }  // namespace
 
 void launch_backward_key(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -125,9 +103,14 @@ void launch_backward_key(const at::Tensor& grad_out, const at::Tensor& q, const 
       make_geometry(q, block_size, symmetric, {&grad_out, &q, &k, &v, &grad_k, &grad_v});
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention2d_backward_key_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
         with_block_size(block_size, [&](auto b) {
-          backward_key_typed<scalar_t, decltype(b)::value>(grad_out, q, k, v, bias, lse, delta,
-                                                           scale, g, grad_k, grad_v);
+          launch_tiled<KeyShared<scalar_t, acc_t>>(
+              backward_key_kernel<scalar_t, decltype(b)::value>, g, q.size(0),
+              grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+              v.data_ptr<scalar_t>(), bias.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+              delta.data_ptr<acc_t>(), static_cast<acc_t>(scale), grad_k.data_ptr<scalar_t>(),
+              grad_v.data_ptr<scalar_t>());
         });
       });
 }

@@ -2,9 +2,6 @@
 //   delta_i = <dO_i, O_i>, dS_ij = p_ij (<dO_i, v_j> - delta_i), dq_i = scale * sum_j dS_ij k_j,
 // reduces dS per bias-table offset in shared memory (one global atomic per entry and block), and
 // writes delta for the key-centric kernel (backward_key.cu), which runs after it.
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-
 #include "local_attention_cuda.cuh"
 
 namespace localattn::cuda {
@@ -62,22 +59,20 @@ __device__ void stage_row_statistics(const Geometry& g, const TilePosition& t,
 
 template <typename T, int B>
 __global__ void __launch_bounds__(kThreads) backward_query_kernel(
-    const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
+    Geometry g, const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
     const T* __restrict__ v, const at::opmath_type<T>* __restrict__ bias,
     const T* __restrict__ out, const at::opmath_type<T>* __restrict__ lse,
-    at::opmath_type<T> scale, Geometry g, T* __restrict__ grad_q,
+    at::opmath_type<T> scale, T* __restrict__ grad_q,
     at::opmath_type<T>* __restrict__ delta, at::opmath_type<T>* __restrict__ grad_bias) {
   using acc_t = at::opmath_type<T>;
   extern __shared__ __align__(16) unsigned char shared[];
   const QueryShared<T, acc_t> s(shared, g);
   const TilePosition t = tile_position(g);
-  const auto tile_of = [&](int i) { return tile_pixel(g, t, i); };
-  const auto halo_of = [&](int i) { return halo_pixel(g, t, i); };
 
-  stage_rows(g, q, t.n, t.h, g.tile_pixels(), tile_of, s.query);
-  stage_rows(g, grad_out, t.n, t.h, g.tile_pixels(), tile_of, s.grad_out);
-  stage_rows(g, k, t.n, t.h, g.halo_pixels(), halo_of, s.key);
-  stage_rows(g, v, t.n, t.h, g.halo_pixels(), halo_of, s.value);
+  stage_tile_rows(g, t, q, s.query);
+  stage_tile_rows(g, t, grad_out, s.grad_out);
+  stage_halo_rows(g, t, k, s.key);
+  stage_halo_rows(g, t, v, s.value);
   stage_bias(g, bias, t.h, s.bias);
   for (int i = threadIdx.x; i < g.table_size(); i += blockDim.x) s.grad_bias[i] = acc_t(0);
   __syncthreads();
@@ -115,23 +110,6 @@ __global__ void __launch_bounds__(kThreads) backward_query_kernel(
   }
 }
 
-template <typename T, int B>
-void backward_query_typed(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                          const at::Tensor& v, const at::Tensor& bias, const at::Tensor& out,
-                          const at::Tensor& lse, double scale, Geometry g, at::Tensor& grad_q,
-                          at::Tensor& delta, at::Tensor& grad_bias) {
-  using acc_t = at::opmath_type<T>;
-  const int64_t bytes =
-      set_tiling(g, [](const Geometry& trial) { return QueryShared<T, acc_t>(nullptr, trial).bytes; });
-  const auto kernel = backward_query_kernel<T, B>;
-  allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes);
-  kernel<<<launch_grid(g, q.size(0)), launch_threads(g), bytes, c10::cuda::getCurrentCUDAStream()>>>(
-      grad_out.data_ptr<T>(), q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
-      bias.data_ptr<acc_t>(), out.data_ptr<T>(), lse.data_ptr<acc_t>(), static_cast<acc_t>(scale),
-      g, grad_q.data_ptr<T>(), delta.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 }  // namespace
 
 void launch_backward_query(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -142,9 +120,14 @@ void launch_backward_query(const at::Tensor& grad_out, const at::Tensor& q, cons
   const Geometry g = make_geometry(q, block_size, symmetric, {&grad_out, &q, &k, &v, &grad_q});
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention2d_backward_query_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
         with_block_size(block_size, [&](auto b) {
-          backward_query_typed<scalar_t, decltype(b)::value>(grad_out, q, k, v, bias, out, lse,
-                                                             scale, g, grad_q, delta, grad_bias);
+          launch_tiled<QueryShared<scalar_t, acc_t>>(
+              backward_query_kernel<scalar_t, decltype(b)::value>, g, q.size(0),
+              grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+              v.data_ptr<scalar_t>(), bias.data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
+              lse.data_ptr<acc_t>(), static_cast<acc_t>(scale), grad_q.data_ptr<scalar_t>(),
+              delta.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>());
         });
       });
 }

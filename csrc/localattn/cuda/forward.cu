@@ -1,9 +1,6 @@
 // Forward kernel: out = softmax(scale * q k^T + bias, masked) v over each query's 3b x 3b
 // window, and the log-sum-exp of each score row for the backward. One thread block per
 // (batch item, head, tile of query blocks); see local_attention_cuda.cuh for the tiling.
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-
 #include "local_attention_cuda.cuh"
 
 namespace localattn::cuda {
@@ -74,19 +71,18 @@ __device__ void softmax_rows(const Geometry& g, const TilePosition& t, acc_t* sc
 
 template <typename T, int B>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                   const at::opmath_type<T>* __restrict__ bias, at::opmath_type<T> scale,
-                   Geometry g, T* __restrict__ out, at::opmath_type<T>* __restrict__ lse) {
+    forward_kernel(Geometry g, const T* __restrict__ q, const T* __restrict__ k,
+                   const T* __restrict__ v, const at::opmath_type<T>* __restrict__ bias,
+                   at::opmath_type<T> scale, T* __restrict__ out,
+                   at::opmath_type<T>* __restrict__ lse) {
   using acc_t = at::opmath_type<T>;
   extern __shared__ __align__(16) unsigned char shared[];
   const ForwardShared<T, acc_t> s(shared, g);
   const TilePosition t = tile_position(g);
-  const auto tile_of = [&](int i) { return tile_pixel(g, t, i); };
-  const auto halo_of = [&](int i) { return halo_pixel(g, t, i); };
 
-  stage_rows(g, q, t.n, t.h, g.tile_pixels(), tile_of, s.query);
-  stage_rows(g, k, t.n, t.h, g.halo_pixels(), halo_of, s.key);
-  stage_rows(g, v, t.n, t.h, g.halo_pixels(), halo_of, s.value);
+  stage_tile_rows(g, t, q, s.query);
+  stage_halo_rows(g, t, k, s.key);
+  stage_halo_rows(g, t, v, s.value);
   stage_bias(g, bias, t.h, s.bias);
   __syncthreads();
 
@@ -108,34 +104,22 @@ __global__ void __launch_bounds__(kThreads)
                              });
 }
 
-template <typename T, int B>
-void forward_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& bias, double scale, Geometry g, at::Tensor& out,
-                   at::Tensor& lse) {
-  using acc_t = at::opmath_type<T>;
-  const int64_t bytes =
-      set_tiling(g, [](const Geometry& trial) { return ForwardShared<T, acc_t>(nullptr, trial).bytes; });
-  const auto kernel = forward_kernel<T, B>;
-  allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes);
-  kernel<<<launch_grid(g, q.size(0)), launch_threads(g), bytes, c10::cuda::getCurrentCUDAStream()>>>(
-      q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), bias.data_ptr<acc_t>(),
-      static_cast<acc_t>(scale), g, out.data_ptr<T>(), lse.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 }  // namespace
 
 void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& bias, int64_t block_size, double scale, bool symmetric,
                     at::Tensor& out, at::Tensor& lse) {
   const Geometry g = make_geometry(q, block_size, symmetric, {&q, &k, &v, &out});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
-                                  "local_attention2d_forward_cuda", [&] {
-                                    with_block_size(block_size, [&](auto b) {
-                                      forward_typed<scalar_t, decltype(b)::value>(
-                                          q, k, v, bias, scale, g, out, lse);
-                                    });
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention2d_forward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        with_block_size(block_size, [&](auto b) {
+          launch_tiled<ForwardShared<scalar_t, acc_t>>(
+              forward_kernel<scalar_t, decltype(b)::value>, g, q.size(0), q.data_ptr<scalar_t>(),
+              k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), bias.data_ptr<acc_t>(),
+              static_cast<acc_t>(scale), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
+        });
+      });
 }
 
 }  // namespace localattn::cuda

@@ -23,6 +23,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -162,6 +164,18 @@ __device__ void stage_rows(const Geometry& g, const T* __restrict__ src, int n, 
       }
     }
   }
+}
+
+template <typename T>
+__device__ void stage_tile_rows(const Geometry& g, const TilePosition& t, const T* __restrict__ src,
+                                T* dst) {
+  stage_rows(g, src, t.n, t.h, g.tile_pixels(), [&](int i) { return tile_pixel(g, t, i); }, dst);
+}
+
+template <typename T>
+__device__ void stage_halo_rows(const Geometry& g, const TilePosition& t, const T* __restrict__ src,
+                                T* dst) {
+  stage_rows(g, src, t.n, t.h, g.halo_pixels(), [&](int i) { return halo_pixel(g, t, i); }, dst);
 }
 
 // Writes chunk `chunk` of one row (head h of pixel px) from registers to global memory.
@@ -372,6 +386,19 @@ dim3 launch_grid(const Geometry& g, int64_t batch);
 // Threads per block: kThreads, or fewer (whole warps) when a small tile has fewer work items
 // (pixel pairs, pixel chunks) than that, so that small tiles leave no warps idle.
 int launch_threads(const Geometry& g);
+
+// Launches kernel(g, args...) over the tiles of g and the batch on the current stream, with the
+// tile sized for the kernel's shared-memory layout Shared.
+template <typename Shared, typename... KernelArgs, typename... Args>
+void launch_tiled(void (*kernel)(Geometry, KernelArgs...), Geometry g, int64_t batch,
+                  Args... args) {
+  const int64_t bytes =
+      set_tiling(g, [](const Geometry& trial) { return Shared(nullptr, trial).bytes; });
+  allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes);
+  kernel<<<launch_grid(g, batch), launch_threads(g), bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      g, args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 template <typename F>
 void with_block_size(int64_t b, F&& f) {
