@@ -5,6 +5,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import time
 
 import pytest
 import torch
@@ -210,8 +212,8 @@ def test_accumulation_matches_one_large_batch(tmp_path, monkeypatch):
     assert accumulated.global_step == big.global_step == 3
     assert accumulated.losses == pytest.approx(big.losses, rel=1e-5)
     big_grads, accumulated_grads = first_grads[0], first_grads[3]
-    for a, b in zip(accumulated_grads, big_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(accumulated_grads, big_grads):  # float32 sums in another order: compare norms
+        assert torch.linalg.vector_norm(a - b) <= 1e-4 * torch.linalg.vector_norm(b) + 1e-9
 
 
 def _loss_patched(monkeypatch, at_call, action):
@@ -236,14 +238,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(straight_run, tmp_path, monkeypatch):
+    handler = signal.getsignal(signal.SIGTERM)
     _loss_patched(monkeypatch, 2, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
     stopped = run(tiny_flags(tmp_path, "--checkpoint-every", "100"))
     assert stopped.exit_code == 128 + signal.SIGTERM and stopped.global_step == 2
     assert load_checkpoint(tmp_path / "last.pt")["global_step"] == 2
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
     monkeypatch.undo()
     resumed = run(tiny_flags(tmp_path, "--resume", "auto"))
     assert_same_params(params(resumed.model), params(straight_run[0].model))
+
+
+def _terminate_process_group():
+    """What `kill -TERM -<pgid>` (a job scheduler, Ctrl-C for SIGINT) does: the data workers get it too."""
+    workers = mp.active_children()
+    # Sent by another process: torch's workers take a SIGTERM from their parent as a quiet shutdown.
+    subprocess.run(["kill", "-TERM", *(str(worker.pid) for worker in workers)], check=True)
+    time.sleep(0.5)  # a worker that dies of it has the DataLoader raise in the main process, on SIGCHLD
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_data_workers_still_writes_a_checkpoint(tmp_path, monkeypatch):
+    _loss_patched(monkeypatch, 2, lambda loss: _terminate_process_group() or loss)
+    stopped = run(tiny_flags(tmp_path, "--workers", "1", "--checkpoint-every", "100"))
+    assert stopped.exit_code == 128 + signal.SIGTERM and stopped.global_step == 2
+    assert load_checkpoint(tmp_path / "last.pt")["step_in_epoch"] == 2
 
 
 # ----------------------------------------------------------------------------- DDP

@@ -42,9 +42,6 @@ from unet.evaluate import confusion_matrices
 from unet.labels import LABELS
 from unet.predict import AMP_DTYPES, autocast
 
-DATA_CONFIG_KEYS = ("data", "image_size", "seed", "val_fraction", "augment", "num_synthetic")
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stops without writing the broken state."""
 
@@ -168,9 +165,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """DataLoader seeds torch and `random` in each worker; NumPy needs the same."""
+def _init_worker(worker_id: int) -> None:
+    """Seed NumPy like torch seeds itself in each worker, and leave stop signals to the main process.
+
+    A Ctrl-C reaches the whole process group; a worker that died of it would break the batch the
+    main process still has to finish before it writes its checkpoint.
+    """
     np.random.seed(torch.initial_seed() % 2**32)
+    for sig in StopSignal.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class StopSignal:
@@ -222,13 +225,38 @@ class CsvLog:
             csv.DictWriter(f, self.fields).writerow(row)
 
 
-def tensorboard_writer(log_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as error:
-        warnings.warn(f"TensorBoard unavailable ({error}); logging to CSV only")
-        return None
-    return SummaryWriter(log_dir=str(log_dir))
+class RunLog:
+    """The run's CSV files, and TensorBoard when it imports (only rank 0 keeps one)."""
+
+    def __init__(self, output: Path, resume_step: int | None) -> None:
+        self.train = CsvLog(output / "train.csv", ["step", "epoch", "lr", "loss"], resume_step)
+        self.eval = CsvLog(output / "eval.csv", ["step", "epoch", "mean_iou", "pixel_accuracy", *LABELS], resume_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            warnings.warn(f"TensorBoard unavailable ({error}); logging to CSV only")
+            self.tensorboard = None
+        else:
+            self.tensorboard = SummaryWriter(log_dir=str(output / "tb"))
+
+    def step(self, step: int, epoch: int, lr: float, loss: float, parts: dict) -> None:
+        self.train.write({"step": step, "epoch": epoch, "lr": lr, "loss": loss})
+        if self.tensorboard is not None:
+            scalars = {"loss": loss, "lr": lr, **{name: float(value) for name, value in parts.items()}}
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(f"train/{name}", value, step)
+
+    def evaluation(self, step: int, epoch: int, matrix) -> None:
+        miou, accuracy = float(matrix.mean_iou()), float(matrix.pixel_accuracy())
+        self.eval.write({"step": step, "epoch": epoch, "mean_iou": miou, "pixel_accuracy": accuracy,
+                         **dict(zip(LABELS, matrix.iou().tolist()))})
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("val/mean_iou", miou, step)
+            self.tensorboard.add_scalar("val/pixel_accuracy", accuracy, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 @dataclass
@@ -283,7 +311,7 @@ def _build(args: argparse.Namespace, checkpoint: dict | None, info: distributed.
     )
     train_loader = torch.utils.data.DataLoader(
         train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        worker_init_fn=_seed_worker, generator=torch.Generator(),
+        worker_init_fn=_init_worker, generator=torch.Generator(),
     )
     # Evaluation counts every image once: a plain shard per process, no padding.
     val_shard = torch.utils.data.Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
@@ -302,7 +330,8 @@ def _build(args: argparse.Namespace, checkpoint: dict | None, info: distributed.
 def _train(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
     output = Path(args.output)
     resume_path = resolve_resume(args.resume, output)
-    checkpoint = load_checkpoint(resume_path, map_location=info.device) if resume_path else None
+    # On the CPU: RNG states must stay there; load_state_dict moves the rest to the parameters' device.
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
     (data_config, model, train_loader, val_loader, optimizer, scheduler, scaler, criterion,
      steps_per_epoch) = _build(args, checkpoint, info)
 
@@ -324,12 +353,7 @@ def _train(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
     log = None
     if info.is_main:
         output.mkdir(parents=True, exist_ok=True)
-        resume_step = global_step if checkpoint is not None else None
-        log = {
-            "train": CsvLog(output / "train.csv", ["step", "epoch", "lr", "loss"], resume_step),
-            "eval": CsvLog(output / "eval.csv", ["step", "epoch", "mean_iou", "pixel_accuracy", *LABELS], resume_step),
-            "tb": tensorboard_writer(output / "tb"),
-        }
+        log = RunLog(output, resume_step=global_step if checkpoint is not None else None)
         where = f" from {resume_path} (epoch {epoch}, step {global_step})" if checkpoint else ""
         print(f"training {args.preset if checkpoint is None else 'model'} on {info.device} x{info.world_size}{where}; "
               f"{len(train_loader.dataset)} training / {len(val_loader.dataset) * info.world_size} validation images, "
@@ -361,13 +385,9 @@ def _train(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
         result.metrics = matrix
         miou = float(matrix.mean_iou())
         if info.is_main:
-            iou = matrix.iou().tolist()
             print(matrix.table(LABELS))
             print(f"epoch {epoch_now}: mean IoU {miou:.4f}, pixel accuracy {float(matrix.pixel_accuracy()):.4f}")
-            log["eval"].write({"step": result.global_step, "epoch": epoch_now, "mean_iou": miou,
-                               "pixel_accuracy": float(matrix.pixel_accuracy()), **dict(zip(LABELS, iou))})
-            if log["tb"] is not None:
-                log["tb"].add_scalar("val/mean_iou", miou, result.global_step)
+            log.evaluation(result.global_step, epoch_now, matrix)
         return miou
 
     with StopSignal() as stop:
@@ -416,12 +436,7 @@ def _train(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
                 if info.is_main:
                     lr = optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                    log["train"].write({"step": result.global_step, "epoch": epoch, "lr": lr, "loss": group_loss})
-                    if log["tb"] is not None:
-                        log["tb"].add_scalar("train/loss", group_loss, result.global_step)
-                        log["tb"].add_scalar("train/lr", lr, result.global_step)
-                        for name, value in parts.items():
-                            log["tb"].add_scalar(f"train/{name}", float(value), result.global_step)
+                    log.step(result.global_step, epoch, lr, group_loss, parts)
                 stopping = distributed.any_true(stop.received is not None, info)
                 if stopping or (args.checkpoint_every and result.global_step % args.checkpoint_every == 0):
                     save(LAST_NAME, epoch, step_in_epoch)
@@ -446,8 +461,7 @@ def _train(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
     if info.is_main:
         print(f"final mean IoU {float(result.metrics.mean_iou()):.4f} after {result.global_step} steps; "
               f"checkpoints in {output}")
-        if log["tb"] is not None:
-            log["tb"].close()
+        log.close()
     return result
 
 
