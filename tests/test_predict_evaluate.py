@@ -112,7 +112,7 @@ def image_folder(tmp_path):
 def test_predict_writes_label_overlay_and_region_maps(checkpoint, image_folder, tmp_path, method, capsys):
     out = tmp_path / "out"
     argv = ["--checkpoint", str(checkpoint), str(image_folder), "--output", str(out), "--batch-size", "3",
-            "--postprocess", method, "--device", "cpu", "--alpha", "0.6"]
+            "--postprocess", method, "--device", "cpu", "--alpha", "0.6", "--max-size", "0"]
     assert predict.main(argv) == 0
     captured = capsys.readouterr()
     assert "broken.png" in captured.err and "wrote 3 of 4 images" in captured.out
@@ -147,6 +147,20 @@ def test_predict_writes_label_overlay_and_region_maps(checkpoint, image_folder, 
         assert regions_png.mode in ("I;16", "I") and np.array(regions_png).min() >= 0
 
 
+def test_predict_at_the_training_scale_keeps_the_original_size(checkpoint, image_folder, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(checkpoint), str(image_folder / "c.png"), "--output", str(out), "--postprocess", "argmax"]
+    assert predict.main(argv) == 0
+    model, _ = load_model(checkpoint)
+    image = load_image(image_folder / "c.png")  # 37x45: the longest side becomes the training size, 32
+    small = torch.nn.functional.interpolate(image[None], size=(26, 32), mode="bilinear", antialias=True)
+    probs, _ = reference_probabilities(model, small[0])
+    probs = torch.nn.functional.interpolate(probs, size=(37, 45), mode="bilinear", antialias=True)
+    labels = np.array(Image.open(out / "c_labels.png"))
+    assert labels.shape == (37, 45) and np.array_equal(labels, probs[0].argmax(0).numpy())
+    assert 0 < np.mean(labels > 0) < 1
+
+
 def test_predict_errors(checkpoint, image_folder, tmp_path, capsys):
     assert predict.main(["--checkpoint", str(tmp_path / "missing.pt"), str(image_folder)]) == 1
     assert "checkpoint: no such file" in capsys.readouterr().err
@@ -158,6 +172,8 @@ def test_predict_errors(checkpoint, image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict.main(["--checkpoint", str(checkpoint), "x.png", "--alpha", "2"])
     assert "argument --alpha: expected a number in [0, 1], got 2" in capsys.readouterr().err
+    assert predict.main(["--checkpoint", str(checkpoint), str(image_folder), "--max-size", "-3"]) == 1
+    assert "--max-size: expected 0 or a positive number of pixels, got -3" in capsys.readouterr().err
 
 
 def test_pad_to_multiple_replicates_the_edge():

@@ -11,8 +11,11 @@ For every input image ``<name>.<ext>`` the output folder receives
 * ``<name>_regions.png``: the region map of the boundary segmentation, a 16-bit greyscale PNG where
   0 marks unassigned (boundary) pixels and region ``r`` is stored as ``r + 1``.
 
-Images keep their size: each is padded (replicating the edge) up to a multiple of the model's
-``input_multiple``, predicted, and cropped back; images of the same size share a batch.
+Outputs keep each image's size. By default an image is first resized so that its longest side is
+the checkpoint's training image size (the scale the network learned; ``--max-size`` picks another,
+0 keeps the image's own), then padded (replicating the edge) up to a multiple of the model's
+``input_multiple``; the probabilities are cropped and resized back before post-processing.
+Images of the same size share a batch.
 """
 
 from __future__ import annotations
@@ -135,6 +138,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_positive_int, default=4)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
+    parser.add_argument("--max-size", type=int, default=None,
+                        help="resize so the longest side is this before predicting (default: the training "
+                             "image size; 0: predict at the image's own size); outputs keep the original size")
     parser.add_argument("--alpha", type=_unit_float, default=0.5, help="overlay opacity in [0, 1]")
     return parser
 
@@ -166,9 +172,20 @@ def _load_batch(paths: list[Path], failures: list[str]) -> tuple[list[str], list
     return names, images
 
 
-def predict_images(model, images: list[torch.Tensor], device, *, method: str, amp: str = "none"):
+def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize of (..., C, H, W), antialiased when shrinking."""
+    if image.shape[-2:] == (height, width):
+        return image
+    batch = image.reshape(-1, *image.shape[-3:])
+    resized = F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return resized.reshape(*image.shape[:-2], height, width)
+
+
+def predict_images(model, images: list[torch.Tensor], device, *, method: str, amp: str = "none", max_size: int = 0):
     """(labels, regions) for each image, at its own size.
 
+    With `max_size`, an image whose longest side differs is first resized to that side (the scale
+    the network was trained at); the probabilities are resized back before post-processing.
     Only images of one shape share a forward pass: padding an image up to a larger neighbour
     would change what the global attention of the bottleneck sees.
     """
@@ -176,9 +193,12 @@ def predict_images(model, images: list[torch.Tensor], device, *, method: str, am
     for i, image in enumerate(images):
         by_shape.setdefault(tuple(image.shape), []).append(i)
     results = [None] * len(images)
-    for indices in by_shape.values():
-        batch = torch.stack([images[i] for i in indices]).to(device)
+    for (_, height, width), indices in by_shape.items():
+        scale = max_size / max(height, width) if max_size else 1.0
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        batch = resize(torch.stack([images[i] for i in indices]).to(device), *size)
         probs, boundary = predict_probabilities(model, batch, amp=amp)
+        probs, boundary = resize(probs, height, width), resize(boundary, height, width)
         labels, regions = label_map(method, probs, boundary, return_regions=True)
         for j, i in enumerate(indices):
             results[i] = (labels[j], regions[j])
@@ -191,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         paths = find_images(args.inputs)
         model, _ = load_model(args.checkpoint, device)
+        if args.max_size is not None and args.max_size < 0:
+            raise ValueError(f"--max-size: expected 0 or a positive number of pixels, got {args.max_size}")
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -200,13 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output)
     output_dir.mkdir(parents=True, exist_ok=True)
 
+    max_size = model.config.image_size if args.max_size is None else args.max_size
     failures: list[str] = []
     written = 0
     batches = [paths[i : i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
     with tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True) as bar:
         for batch_paths in batches:
             names, images = _load_batch(batch_paths, failures)
-            predictions = predict_images(model, images, device, method=args.postprocess, amp=args.amp)
+            predictions = predict_images(
+                model, images, device, method=args.postprocess, amp=args.amp, max_size=max_size
+            )
             for name, image, (labels, regions) in zip(names, images, predictions):
                 save_outputs(output_dir, name, image, labels, regions, args.alpha)
                 written += 1
