@@ -15,7 +15,7 @@ from unet.labels import LABELS, NUM_LABELS, PALETTE
 from unet.model import to_probabilities
 
 TRAIN_FLAGS = ["--num-images", "8", "--val-fraction", "0.25", "--image-size", "32", "--batch-size", "4",
-               "--workers", "0", "--lr", "3e-3", "--warmup-steps", "1", "--device", "cpu"]
+               "--workers", "0", "--threads", "1", "--lr", "3e-3", "--warmup-steps", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def one_thread():
 def tiny_flags(output, *extra):
     """A run of a few seconds: 12 training and 2 validation images of 32 px, 3 batches per epoch."""
     return ["--num-images", "12", "--val-fraction", "0.17", "--image-size", "32", "--batch-size", "4",
-            "--workers", "0", "--epochs", "2", "--lr", "2e-3", "--warmup-steps", "2",
+            "--workers", "0", "--threads", "1", "--epochs", "2", "--lr", "2e-3", "--warmup-steps", "2",
             "--device", "cpu", "--output", str(output), *extra]
 
 
@@ -69,6 +69,16 @@ def test_bad_flags_exit_with_a_message_naming_the_flag(flags, message, capsys):
         train.main(flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_default_threads_leave_cores_to_workers_and_other_ranks(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert train.default_threads(workers=2) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert train.default_threads(workers=1) == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert train.default_threads(workers=1) == 1 and train.default_threads(workers=0) == 2
 
 
 def test_flag_parsing_of_levels_and_default_output():
