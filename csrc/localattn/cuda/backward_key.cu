@@ -66,23 +66,13 @@ __global__ void __launch_bounds__(kThreads) backward_key_kernel(
 
   // Here the tile pixel is the key and the halo pixel the query: the offset is tile - halo.
   for_each_pair<B>(g, t, s.key, s.query, [&](const Pair& p, acc_t dot) {
-    const int offset = bias_index(g, p.tile_px.y - p.halo_px.y, p.tile_px.x - p.halo_px.x);
+    const int offset = bias_index(g, p.halo_px, p.tile_px);
     s.score[p.score] =
         p.visible ? exp_acc(scale * dot + s.bias[offset] - s.lse[p.halo]) : acc_t(0);
   });
   __syncthreads();
 
-  const auto store_to = [&](T* dst, acc_t factor) {
-    return [&g, &t, dst, factor](int tile, int chunk, const acc_t(&sums)[kChunk]) {
-      const Pixel px = tile_pixel(g, t, tile);
-      if (!in_image(g, px)) return;
-      acc_t scaled[kChunk];
-#pragma unroll
-      for (int e = 0; e < kChunk; ++e) scaled[e] = factor * sums[e];
-      store_chunk(g, dst, t.n, px, t.h, chunk, scaled);
-    };
-  };
-  for_each_weighted_chunk<B>(g, s.score, s.grad_out, store_to(grad_v, acc_t(1)));
+  for_each_weighted_chunk<B>(g, s.score, s.grad_out, scaled_row_store(g, t, grad_v, acc_t(1)));
   __syncthreads();  // the dS pass below overwrites the probabilities read above
 
   for_each_pair<B>(g, t, s.value, s.grad_out, [&](const Pair& p, acc_t dot) {
@@ -90,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) backward_key_kernel(
   });
   __syncthreads();
 
-  for_each_weighted_chunk<B>(g, s.score, s.query, store_to(grad_k, scale));
+  for_each_weighted_chunk<B>(g, s.score, s.query, scaled_row_store(g, t, grad_k, scale));
 }
 
 }  // namespace

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) backward_query_kernel(
 
   stage_row_statistics(g, t, out, lse, s.grad_out, s.lse, s.delta, delta);
   for_each_pair<B>(g, t, s.query, s.key, [&](const Pair& p, acc_t dot) {
-    const int offset = bias_index(g, p.halo_px.y - p.tile_px.y, p.halo_px.x - p.tile_px.x);
+    const int offset = bias_index(g, p.tile_px, p.halo_px);
     s.score[p.score] = p.visible ? scale * dot + s.bias[offset] : acc_t(0);
   });
   __syncthreads();
@@ -90,20 +90,12 @@ __global__ void __launch_bounds__(kThreads) backward_query_kernel(
     const acc_t prob = exp_acc(s.score[p.score] - s.lse[p.tile]);
     const acc_t grad_score = prob * (dot - s.delta[p.tile]);
     s.score[p.score] = grad_score;
-    atomicAdd(&s.grad_bias[bias_index(g, p.halo_px.y - p.tile_px.y, p.halo_px.x - p.tile_px.x)],
+    atomicAdd(&s.grad_bias[bias_index(g, p.tile_px, p.halo_px)],
               grad_score);
   });
   __syncthreads();
 
-  for_each_weighted_chunk<B>(g, s.score, s.key,
-                             [&](int tile, int chunk, const acc_t(&sums)[kChunk]) {
-                               const Pixel px = tile_pixel(g, t, tile);
-                               if (!in_image(g, px)) return;
-                               acc_t scaled[kChunk];
-#pragma unroll
-                               for (int e = 0; e < kChunk; ++e) scaled[e] = scale * sums[e];
-                               store_chunk(g, grad_q, t.n, px, t.h, chunk, scaled);
-                             });
+  for_each_weighted_chunk<B>(g, s.score, s.key, scaled_row_store(g, t, grad_q, scale));
 
   for (int i = threadIdx.x; i < g.table_size(); i += blockDim.x) {
     if (s.grad_bias[i] != acc_t(0)) atomicAdd(&grad_bias[t.h * g.table_size() + i], s.grad_bias[i]);

@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
   for_each_pair<B>(g, t, s.query, s.key, [&](const Pair& p, acc_t dot) {
     s.score[p.score] =
         p.visible
-            ? scale * dot + s.bias[bias_index(g, p.halo_px.y - p.tile_px.y, p.halo_px.x - p.tile_px.x)]
+            ? scale * dot + s.bias[bias_index(g, p.tile_px, p.halo_px)]
             : negative_infinity<acc_t>();
   });
   __syncthreads();
@@ -97,11 +97,7 @@ __global__ void __launch_bounds__(kThreads)
   softmax_rows(g, t, s.score, lse);
   __syncthreads();
 
-  for_each_weighted_chunk<B>(g, s.score, s.value,
-                             [&](int tile, int chunk, const acc_t(&sums)[kChunk]) {
-                               const Pixel px = tile_pixel(g, t, tile);
-                               if (in_image(g, px)) store_chunk(g, out, t.n, px, t.h, chunk, sums);
-                             });
+  for_each_weighted_chunk<B>(g, s.score, s.value, scaled_row_store(g, t, out, acc_t(1)));
 }
 
 }  // namespace

@@ -124,13 +124,15 @@ __device__ inline int64_t row_index(const Geometry& g, int n, Pixel p, int h) {
   return ((static_cast<int64_t>(n) * g.height + p.y) * g.width + p.x) * g.heads + h;
 }
 
-// Whether a key sits at (dy, dx) = key - query from its query in a visible way (both pixels in
-// the image is checked by the caller), and the index of that offset in the bias table.
-__device__ inline bool symmetric_ok(const Geometry& g, int dy, int dx) {
-  return !g.symmetric || (abs(dy) <= g.block && abs(dx) <= g.block);
+// Whether two pixels of neighbouring blocks pass the symmetric mask (|dy| <= b, |dx| <= b, the
+// same from either side); the caller checks that both are in the image.
+__device__ inline bool symmetric_ok(const Geometry& g, Pixel one, Pixel other) {
+  return !g.symmetric || (abs(one.y - other.y) <= g.block && abs(one.x - other.x) <= g.block);
 }
-__device__ inline int bias_index(const Geometry& g, int dy, int dx) {
-  return (dy + 2 * g.block - 1) * g.table() + dx + 2 * g.block - 1;
+
+// Index in the bias table of the offset key - query.
+__device__ inline int bias_index(const Geometry& g, Pixel query, Pixel key) {
+  return (key.y - query.y + 2 * g.block - 1) * g.table() + key.x - query.x + 2 * g.block - 1;
 }
 
 template <typename acc_t>
@@ -250,16 +252,16 @@ __device__ void weighted_row(const Geometry& g, const acc_t* weights, const T* w
   }
 }
 
-// One work item of the pairwise phases: block `blk` of the tile, row r of that block, and run
-// `run` of b consecutive window pixels (window row run / 3, columns (run % 3) * b ...).
-// The tile pixel of row r, column c of block blk is (blk * b + r) * b + c = block_row * b + c.
+// One work item of the pairwise phases: row r of block `blk` of the tile, numbered
+// block_row = blk * b + r (its pixel in column c is tile pixel block_row * b + c), and run `run`
+// of b consecutive window pixels (window row run / 3, columns (run % 3) * b ...).
 struct PairItem {
-  int blk, r, run, block_row;
+  int blk, block_row, run;
 };
 
 __device__ inline PairItem pair_item(int item, int b) {
   const int runs = 9 * b, block_row = item / runs;
-  return {block_row / b, block_row % b, item % runs, block_row};
+  return {block_row / b, block_row, item % runs};
 }
 
 // Shared row of the window pixel at (wy, wx) of tile block blk, in the halo numbering.
@@ -306,8 +308,7 @@ __device__ void for_each_pair(const Geometry& g, const TilePosition& t, const T*
 #pragma unroll
       for (int u = 0; u < B; ++u) {
         const Pixel hp = halo_pixel(g, t, halo0 + u);
-        const bool visible = in_image(g, tp) && in_image(g, hp) &&
-                             symmetric_ok(g, hp.y - tp.y, hp.x - tp.x);
+        const bool visible = in_image(g, tp) && in_image(g, hp) && symmetric_ok(g, tp, hp);
         epilogue(Pair{tile, halo0 + u, tile * g.score_stride() + it.run * B + u, tp, hp, visible},
                  dots[c][u]);
       }
@@ -326,11 +327,26 @@ __device__ void for_each_weighted_chunk(const Geometry& g, const acc_t* score,
   for (int item = threadIdx.x; item < items; item += blockDim.x) {
     const int chunk = item % g.chunks, tile = item / g.chunks;
     acc_t sums[kChunk];
+    const int window_origin = window_halo_index(g, tile / (B * B), 0, 0);
     weighted_row<B>(g, score + static_cast<int64_t>(tile) * g.score_stride(),
-                    halo_rows + static_cast<int64_t>(window_halo_index(g, tile / (B * B), 0, 0)) * g.row,
-                    chunk, sums);
+                    halo_rows + static_cast<int64_t>(window_origin) * g.row, chunk, sums);
     store(tile, chunk, sums);
   }
+}
+
+// A store for for_each_weighted_chunk: writes factor * sums to the head-h row of the tile pixel
+// in dst, for pixels inside the image.
+template <typename T, typename acc_t>
+__device__ auto scaled_row_store(const Geometry& g, const TilePosition& t, T* __restrict__ dst,
+                                 acc_t factor) {
+  return [&g, &t, dst, factor](int tile, int chunk, const acc_t(&sums)[kChunk]) {
+    const Pixel px = tile_pixel(g, t, tile);
+    if (!in_image(g, px)) return;
+    acc_t scaled[kChunk];
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) scaled[e] = factor * sums[e];
+    store_chunk(g, dst, t.n, px, t.h, chunk, scaled);
+  };
 }
 
 // Host side -------------------------------------------------------------------------------------
@@ -368,8 +384,9 @@ int64_t set_tiling(Geometry& g, BytesOf bytes_of) {
   const bool fits = largest_tile_within(limits.two_per_sm) || largest_tile_within(limits.per_block);
   const int64_t bytes = bytes_of(g);
   TORCH_CHECK_VALUE(fits, "local_attention2d (CUDA): head size D=", g.dim, " with block_size ",
-                    g.block, " needs ", bytes, " bytes of shared memory, more than the device has (",
-                    limits.per_block, "); use a smaller head size or the CPU");
+                    g.block, " needs ", bytes,
+                    " bytes of shared memory, more than the device has (", limits.per_block,
+                    "); use a smaller head size or the CPU");
   const int blocks_y = (g.height + g.block - 1) / g.block;
   const int blocks_x = (g.width + g.block - 1) / g.block;
   g.tiles_x = (blocks_x + g.tile_blocks - 1) / g.tile_blocks;

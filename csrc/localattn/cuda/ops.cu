@@ -41,7 +41,8 @@ Geometry make_geometry(const at::Tensor& q, int64_t block_size, bool symmetric,
 int preferred_tile_blocks(int b) {
   if (const char* setting = std::getenv("LOCALATTN_CUDA_TILE_BLOCKS")) {
     const int tile_blocks = std::atoi(setting);
-    TORCH_CHECK_VALUE(tile_blocks >= 1, "LOCALATTN_CUDA_TILE_BLOCKS must be a positive integer, got '",
+    TORCH_CHECK_VALUE(tile_blocks >= 1,
+                      "LOCALATTN_CUDA_TILE_BLOCKS must be a positive integer, got '",
                       setting, "'");
     return tile_blocks;
   }
@@ -51,9 +52,12 @@ int preferred_tile_blocks(int b) {
 SharedMemoryLimits shared_memory_limits() {
   const int device = c10::cuda::current_device();
   int per_block = 0, per_sm = 0, reserved = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
   return {per_block, std::min<int64_t>(per_block, per_sm / 2 - reserved)};
 }
 
