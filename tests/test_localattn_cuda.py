@@ -150,7 +150,7 @@ def check_against_oracle(shape, block_size, symmetric, dtype, seed, rpb_dtype=No
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_random_configurations_match_oracle(dtype):
-    assert kernel_available("cuda"), "localattn._C has no CUDA kernel: build with LOCALATTN_WITH_CUDA=1"
+    assert kernel_available("cuda"), "no CUDA kernel: build localattn._C with LOCALATTN_WITH_CUDA=1"
     rng = random.Random(1234)
     for seed in range(CONFIGS_PER_DTYPE):
         check_against_oracle(**random_config(rng, dtype), dtype=dtype, seed=seed)
@@ -191,8 +191,11 @@ def test_float32_bias_table_with_low_precision_inputs(dtype):
 @pytest.mark.parametrize("block_size", (1, 2, 3, 4))
 def test_gradcheck_float64(block_size, symmetric):
     inputs = random_inputs((1, 5, 7, 2, 5), block_size, torch.float64, requires_grad=True, seed=11)
+    # grad_rpb is summed with atomics, so repeated backward passes may differ in the last bits.
     assert torch.autograd.gradcheck(
-        lambda *t: local_attention2d(*t, block_size, 0.7, symmetric, backend="kernel"), inputs
+        lambda *t: local_attention2d(*t, block_size, 0.7, symmetric, backend="kernel"),
+        inputs,
+        nondet_tol=1e-12,
     )
 
 
@@ -207,8 +210,9 @@ def test_misaligned_and_strided_inputs():
     assert shifted.data_ptr() % 16 != 0
     strided = torch.empty(shape[:-1] + (2 * shape[-1],), device="cuda", dtype=q.dtype)[..., ::2]
     strided.copy_(k)
-    torch.testing.assert_close(FORWARD(shifted, k, v, rpb, 2, 0.25, False)[0], expected, rtol=0, atol=0)
-    torch.testing.assert_close(FORWARD(q, strided, v, rpb, 2, 0.25, False)[0], expected, rtol=0, atol=0)
+    for inputs in ((shifted, k, v, rpb), (q, strided, v, rpb)):
+        out, _ = FORWARD(*inputs, 2, 0.25, False)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 @pytest.mark.cuda
