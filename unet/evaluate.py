@@ -72,8 +72,8 @@ def format_table(results: dict[str, dict]) -> str:
         for method in methods:
             r = results[method]["labels"][name]
             row += (
-                f" | {r['iou']:>15.4f} {r['intersection']:>10.4g} {r['union']:>10.4g}"
-                f" {r['predicted_mass']:>10.4g} {r['true_mass']:>10.4g}"
+                f" | {r['iou']:>15.4f} {r['intersection']:>10d} {r['union']:>10d}"
+                f" {r['predicted_mass']:>10.2%} {r['true_mass']:>10.2%}"
             )
         lines.append(row)
     lines.append("-" * len(header))
