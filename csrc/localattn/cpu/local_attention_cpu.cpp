@@ -83,6 +83,8 @@ LOCALATTN_INLINE Window key_window(const Geometry& g, int64_t y, int64_t x) {
 // The vector loops below run over whole groups of kLanes elements (buffers are padded), so the
 // compiler emits straight SIMD code without remainder loops.
 constexpr int64_t kLanes = 8;
+// combine_features works on kGroup SIMD chunks at a time.
+constexpr int64_t kGroup = 4;
 
 LOCALATTN_INLINE int64_t round_up(int64_t n, int64_t multiple) {
   return (n + multiple - 1) / multiple * multiple;
@@ -97,16 +99,25 @@ LOCALATTN_INLINE void axpy_lanes(acc_t* y, acc_t alpha, const acc_t* x, int64_t 
   }
 }
 
-// <a, b>; n is a multiple of kLanes.
+// <a, b>; n is a multiple of kLanes. Two independent accumulators, so that consecutive
+// multiply-adds do not all wait on each other's latency.
 template <typename acc_t>
 LOCALATTN_INLINE acc_t dot_lanes(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t partial[kLanes] = {};
-  for (int64_t i = 0; i < n; i += kLanes) {
+  acc_t even[kLanes] = {}, odd[kLanes] = {};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
 #pragma omp simd
-    for (int64_t t = 0; t < kLanes; ++t) partial[t] += a[i + t] * b[i + t];
+    for (int64_t t = 0; t < kLanes; ++t) {
+      even[t] += a[i + t] * b[i + t];
+      odd[t] += a[i + kLanes + t] * b[i + kLanes + t];
+    }
+  }
+  if (i < n) {
+#pragma omp simd
+    for (int64_t t = 0; t < kLanes; ++t) even[t] += a[i + t] * b[i + t];
   }
   acc_t sum = 0;
-  for (int64_t t = 0; t < kLanes; ++t) sum += partial[t];
+  for (int64_t t = 0; t < kLanes; ++t) sum += even[t] + odd[t];
   return sum;
 }
 
@@ -174,7 +185,7 @@ struct Strip {
   std::vector<acc_t> data;
 
   explicit Strip(const Geometry& g)
-      : stride(round_up(g.width * 3 * g.block + kLanes, kLanes)), data(g.dim * stride) {}
+      : stride(round_up(g.width * 3 * g.block + kGroup * kLanes, kLanes)), data(g.dim * stride) {}
   acc_t* feature(int64_t d) { return data.data() + d * stride; }
   const acc_t* feature(int64_t d) const { return data.data() + d * stride; }
 
@@ -209,6 +220,34 @@ struct Strip {
   LOCALATTN_INLINE void zero() { std::fill(data.begin(), data.end(), acc_t(0)); }
 };
 
+// out[j] = sum_d weight[d] * strip[d][start + j] for j < n (a multiple of kLanes): scores from a
+// query, or dO . v. Keys go kGroup SIMD chunks at a time with the sums held in registers
+// across d, instead of a read-modify-write of out per d; the last group may read up to
+// kGroup - 1 chunks past n (the strip's stride leaves room) and drops them.
+template <typename acc_t>
+LOCALATTN_INLINE void combine_features(acc_t* out, const acc_t* weight, const Strip<acc_t>& strip,
+                                       int64_t start, int64_t n) {
+  static_assert(kGroup == 4, "the unrolled sums below assume four chunks");
+  for (int64_t j = 0; j < n; j += kGroup * kLanes) {
+    acc_t c0[kLanes] = {}, c1[kLanes] = {}, c2[kLanes] = {}, c3[kLanes] = {};
+    const acc_t* keys = strip.feature(0) + start + j;
+    for (int64_t d = 0; d < static_cast<int64_t>(strip.data.size()) / strip.stride; ++d, keys += strip.stride) {
+      const acc_t w = weight[d];
+#pragma omp simd
+      for (int64_t t = 0; t < kLanes; ++t) {
+        c0[t] += w * keys[t];
+        c1[t] += w * keys[kLanes + t];
+        c2[t] += w * keys[2 * kLanes + t];
+        c3[t] += w * keys[3 * kLanes + t];
+      }
+    }
+    const acc_t* sums[kGroup] = {c0, c1, c2, c3};
+    for (int64_t chunk = 0; chunk < kGroup && j + chunk * kLanes < n; ++chunk) {
+      std::copy(sums[chunk], sums[chunk] + kLanes, out + j + chunk * kLanes);
+    }
+  }
+}
+
 // One query and the keys of its block's window (a run of a Strip).
 struct QueryAt {
   int64_t y, x;         // the query pixel
@@ -239,10 +278,7 @@ template <typename acc_t>
 LOCALATTN_INLINE acc_t query_scores(acc_t* scores, const acc_t* q_scaled, const Strip<acc_t>& keys,
                                     const acc_t* bias_t, const Geometry& g, const QueryAt& qa) {
   constexpr acc_t minus_inf = -std::numeric_limits<acc_t>::infinity();
-  std::fill(scores, scores + qa.padded, acc_t(0));
-  for (int64_t d = 0; d < g.dim; ++d) {
-    axpy_lanes(scores, q_scaled[d], keys.feature(d) + qa.start, qa.padded);
-  }
+  combine_features(scores, q_scaled, keys, qa.start, qa.padded);
   const Window own = key_window(g, qa.y, qa.x);
   for (int64_t kx = qa.x0; kx < qa.x1; ++kx) {
     acc_t* column = scores + (kx - qa.x0) * keys.rows;
@@ -355,8 +391,7 @@ LOCALATTN_INLINE void backward_query(const BackwardArgs<scalar_t>& a,
   acc_t* grad_s = ws.grad_scores.data();
   query_scores(probs, ws.q_scaled.data(), ws.keys, a.bias_t + it.h * g.table * g.table, g, qa);
   exp_shifted(probs, a.lse[query / D], n);
-  std::fill(grad_s, grad_s + n, acc_t(0));
-  for (int64_t d = 0; d < D; ++d) axpy_lanes(grad_s, ws.grad_o[d], ws.values.feature(d) + qa.start, n);
+  combine_features(grad_s, ws.grad_o.data(), ws.values, qa.start, n);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) grad_s[j] = probs[j] * (grad_s[j] - delta);
   for (int64_t d = 0; d < D; ++d) {
