@@ -22,7 +22,9 @@ from tqdm import tqdm
 from unet.checkpoint import load_model
 from unet.distributed import resolve_device
 from unet.labels import LABELS, NUM_LABELS
-from unet.predict import AMP_DTYPES, POSTPROCESS_METHODS, label_map, predict_probabilities
+from unet.predict import (
+    AMP_DTYPES, POSTPROCESS_METHODS, label_map, non_negative_int, positive_int, predict_probabilities,
+)
 
 PER_LABEL_FIELDS = ("intersection", "union", "iou", "predicted_mass", "true_mass")
 
@@ -102,9 +104,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by unet.train")
     parser.add_argument("--data", default=None, help="dataset (default: the one the checkpoint was trained on)")
     parser.add_argument("--split", choices=("val", "train"), default="val")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the training image size")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--image-size", type=positive_int, default=None, help="default: the training image size")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
     parser.add_argument("--methods", default=",".join(POSTPROCESS_METHODS), help="comma list of post-processing methods")
@@ -113,12 +115,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag in ("batch_size", "image_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')}: expected a positive integer, got {value}")
-    if args.workers < 0:
-        parser.error(f"--workers: expected 0 or more, got {args.workers}")
     args.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in args.methods if m not in POSTPROCESS_METHODS]
     if unknown or not args.methods:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import math
 import sys
 from pathlib import Path
 
@@ -39,6 +40,26 @@ from unet.labels import PALETTE
 POSTPROCESS_METHODS = ("argmax", "dust_fill")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def number_type(kind, minimum, inclusive: bool, what: str, maximum=None):
+    """An argparse `type` for a finite number in a range; its message says what was expected."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        too_low = value < minimum or (value == minimum and not inclusive)
+        if not math.isfinite(value) or too_low or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = number_type(int, 1, True, "a positive integer")
+non_negative_int = number_type(int, 0, True, "an integer >= 0")
 
 
 def autocast(device: torch.device, amp: str):
@@ -135,28 +156,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by unet.train")
     parser.add_argument("--output", default="predictions", help="folder for the PNGs (default: predictions)")
     parser.add_argument("--postprocess", choices=POSTPROCESS_METHODS, default="dust_fill")
-    parser.add_argument("--batch-size", type=_positive_int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
     parser.add_argument("--max-size", type=int, default=None,
                         help="resize so the longest side is this before predicting (default: the training "
                              "image size; 0: predict at the image's own size); outputs keep the original size")
-    parser.add_argument("--alpha", type=_unit_float, default=0.5, help="overlay opacity in [0, 1]")
+    parser.add_argument("--alpha", type=number_type(float, 0.0, True, "a number in [0, 1]", maximum=1.0), default=0.5, help="overlay opacity in [0, 1]")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return value
 
 
 def _load_batch(paths: list[Path], failures: list[str]) -> tuple[list[str], list[torch.Tensor]]:

@@ -43,7 +43,7 @@ from unet.checkpoint import (
 )
 from unet.evaluate import confusion_matrices
 from unet.labels import LABELS
-from unet.predict import AMP_DTYPES, autocast
+from unet.predict import AMP_DTYPES, autocast, non_negative_int, number_type, positive_int
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,23 +53,8 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------- flags
 
 
-def _number(kind, minimum, inclusive, what):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return value
-
-    return parse
-
-
-positive_int = _number(int, 1, True, "a positive integer")
-non_negative_int = _number(int, 0, True, "an integer >= 0")
-positive_float = _number(float, 0.0, False, "a positive number")
-non_negative_float = _number(float, 0.0, True, "a number >= 0")
+positive_float = number_type(float, 0.0, False, "a positive number")
+non_negative_float = number_type(float, 0.0, True, "a number >= 0")
 
 
 def level_list(text: str) -> tuple[int, ...]:
@@ -88,11 +73,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m unet.train", description="Train the attention UNet",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="synthetic", help="synthetic (built in), a DeepFashion-MultiModal root (images/ + segm/) "
+    data.add_argument("--data", default="synthetic",
+                      help="synthetic (built in), a DeepFashion-MultiModal root (images/ + segm/) "
                            "or a label folder (images/ + labels/)")
-    data.add_argument("--image-size", type=positive_int, default=96, help="training image side")
-    data.add_argument("--num-images", type=positive_int, default=2048, help="training images of the synthetic set")
-    data.add_argument("--val-fraction", type=_number(float, 0.0, False, "a fraction in (0, 1)"), default=0.1)
+    data.add_argument("--image-size", type=positive_int, default=64, help="training image side")
+    data.add_argument("--num-images", type=positive_int, default=2560, help="training images of the synthetic set")
+    data.add_argument("--val-fraction", type=number_type(float, 0.0, False, "a fraction in (0, 1)", maximum=1.0), default=0.1)
     data.add_argument("--no-augment", dest="augment", action="store_false", help="turn off training augmentation")
     data.add_argument("--workers", type=non_negative_int, default=1, help="data loading processes per training process")
     data.add_argument("--threads", type=non_negative_int, default=0,
