@@ -90,15 +90,6 @@ LOCALATTN_INLINE int64_t round_up(int64_t n, int64_t multiple) {
   return (n + multiple - 1) / multiple * multiple;
 }
 
-// y[i] += alpha * x[i]; n is a multiple of kLanes.
-template <typename acc_t>
-LOCALATTN_INLINE void axpy_lanes(acc_t* y, acc_t alpha, const acc_t* x, int64_t n) {
-  for (int64_t i = 0; i < n; i += kLanes) {
-#pragma omp simd
-    for (int64_t t = 0; t < kLanes; ++t) y[i + t] += alpha * x[i + t];
-  }
-}
-
 // <a, b>; n is a multiple of kLanes. Two independent accumulators, so that consecutive
 // multiply-adds do not all wait on each other's latency.
 template <typename acc_t>
@@ -361,42 +352,90 @@ struct BackwardArgs {
   acc_t* grad_bias_t;               // one transposed [heads, T, T] table per thread
 };
 
-// Per-thread buffers of the backward.
+// Per-thread buffers of the backward. p, dS, q * scale and dO are kept for every query of the
+// current block, so that dK and dV are updated once per block (see spread_block).
 template <typename acc_t>
 struct BackwardWorkspace {
   Strip<acc_t> keys, values, grad_keys, grad_values;
-  std::vector<acc_t> probs, grad_scores, q_scaled, grad_o;
+  int64_t row;  // stride of probs and grad_scores: a window, rounded up, plus kGroup slack
+  std::vector<acc_t> probs, grad_scores;  // [b*b][row]
+  std::vector<acc_t> q_scaled, grad_o;    // [b*b][D]
 
   explicit BackwardWorkspace(const Geometry& g)
-      : keys(g), values(g), grad_keys(g), grad_values(g), probs(keys.stride),
-        grad_scores(keys.stride), q_scaled(g.dim), grad_o(g.dim) {}
+      : keys(g), values(g), grad_keys(g), grad_values(g),
+        row(round_up(9 * g.block * g.block, kLanes) + kGroup * kLanes),
+        probs(g.block * g.block * row), grad_scores(g.block * g.block * row),
+        q_scaled(g.block * g.block * g.dim), grad_o(g.block * g.block * g.dim) {}
 };
 
-// Backward of one query: writes dq, accumulates dk and dv into the workspace strips and dS
-// into the (transposed) bias gradient of the head.
+// strip[d][start + j] += sum_q coef[q][d] * rows[q][j] for j < n and the `queries` queries of a
+// block: the dK or dV update of a whole block with one read-modify-write of the strip. Like
+// combine_features it goes kGroup chunks at a time; rows are zero past n, so the chunks past n
+// are written back unchanged.
+template <typename acc_t>
+LOCALATTN_INLINE void spread_block(Strip<acc_t>& strip, int64_t start, int64_t n,
+                                   const acc_t* coef, int64_t dim, const acc_t* rows,
+                                   int64_t row_stride, int64_t queries) {
+  for (int64_t d = 0; d < dim; ++d) {
+    for (int64_t j = 0; j < n; j += kGroup * kLanes) {
+      acc_t* out = strip.feature(d) + start + j;
+      acc_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+#pragma omp simd
+      for (int64_t t = 0; t < kLanes; ++t) {
+        c0[t] = out[t];
+        c1[t] = out[kLanes + t];
+        c2[t] = out[2 * kLanes + t];
+        c3[t] = out[3 * kLanes + t];
+      }
+      for (int64_t q = 0; q < queries; ++q) {
+        const acc_t w = coef[q * dim + d];
+        const acc_t* r = rows + q * row_stride + j;
+#pragma omp simd
+        for (int64_t t = 0; t < kLanes; ++t) {
+          c0[t] += w * r[t];
+          c1[t] += w * r[kLanes + t];
+          c2[t] += w * r[2 * kLanes + t];
+          c3[t] += w * r[3 * kLanes + t];
+        }
+      }
+#pragma omp simd
+      for (int64_t t = 0; t < kLanes; ++t) {
+        out[t] = c0[t];
+        out[kLanes + t] = c1[t];
+        out[2 * kLanes + t] = c2[t];
+        out[3 * kLanes + t] = c3[t];
+      }
+    }
+  }
+}
+
+// Backward of the query in `slot` of its block: writes dq, adds dS into the (transposed) bias
+// gradient of the head, and leaves p, dS, q * scale and dO in the slot for spread_block.
 template <typename scalar_t>
 LOCALATTN_INLINE void backward_query(const BackwardArgs<scalar_t>& a,
                                      BackwardWorkspace<at::opmath_type<scalar_t>>& ws,
-                                     const Item& it, const QueryAt& qa,
+                                     const Item& it, const QueryAt& qa, int64_t slot,
                                      at::opmath_type<scalar_t>* grad_bias_t) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
   const int64_t D = g.dim, n = qa.padded;
   const int64_t query = g.pixel(it.n, qa.y, qa.x) + it.h * D;
-  load_scaled(ws.q_scaled.data(), a.q + query, a.scale, D);
-  load_scaled(ws.grad_o.data(), a.grad_out + query, acc_t(1), D);
+  acc_t* q_scaled = &ws.q_scaled[slot * D];
+  acc_t* grad_o = &ws.grad_o[slot * D];
+  acc_t* probs = &ws.probs[slot * ws.row];
+  acc_t* grad_s = &ws.grad_scores[slot * ws.row];
+  load_scaled(q_scaled, a.q + query, a.scale, D);
+  load_scaled(grad_o, a.grad_out + query, acc_t(1), D);
   acc_t delta = 0;  // rowsum(dO * O)
-  for (int64_t d = 0; d < D; ++d) delta += ws.grad_o[d] * static_cast<acc_t>(a.out[query + d]);
-  acc_t* probs = ws.probs.data();
-  acc_t* grad_s = ws.grad_scores.data();
-  query_scores(probs, ws.q_scaled.data(), ws.keys, a.bias_t + it.h * g.table * g.table, g, qa);
+  for (int64_t d = 0; d < D; ++d) delta += grad_o[d] * static_cast<acc_t>(a.out[query + d]);
+  query_scores(probs, q_scaled, ws.keys, a.bias_t + it.h * g.table * g.table, g, qa);
   exp_shifted(probs, a.lse[query / D], n);
-  combine_features(grad_s, ws.grad_o.data(), ws.values, qa.start, n);
+  combine_features(grad_s, grad_o, ws.values, qa.start, n);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) grad_s[j] = probs[j] * (grad_s[j] - delta);
+  std::fill(probs + n, probs + ws.row, acc_t(0));
+  std::fill(grad_s + n, grad_s + ws.row, acc_t(0));
   for (int64_t d = 0; d < D; ++d) {
-    axpy_lanes(ws.grad_values.feature(d) + qa.start, ws.grad_o[d], probs, n);
-    axpy_lanes(ws.grad_keys.feature(d) + qa.start, ws.q_scaled[d], grad_s, n);
     a.grad_q[query + d] = a.scale * dot_lanes(grad_s, ws.keys.feature(d) + qa.start, n);
   }
   for (int64_t kx = qa.x0; kx < qa.x1; ++kx) {
@@ -420,14 +459,26 @@ LOCALATTN_INLINE void backward_items(
     const Window rows = block_window(g, it.block_row, 0);
     ws.keys.gather(a.k, g, it.n, it.h, rows);
     ws.values.gather(a.v, g, it.n, it.h, rows);
-    ws.grad_keys.zero();
-    ws.grad_values.zero();
-    ws.grad_keys.y0 = ws.grad_values.y0 = ws.keys.y0;
-    ws.grad_keys.rows = ws.grad_values.rows = ws.keys.rows;
-    for (int64_t y = it.block_row * b; y < std::min(g.height, (it.block_row + 1) * b); ++y) {
-      for (int64_t x = 0; x < g.width; ++x) {
-        backward_query(a, ws, it, QueryAt(g, ws.keys.rows, y, x), grad_bias_t + it.h * table_size);
+    for (Strip<acc_t>* grad : {&ws.grad_keys, &ws.grad_values}) {
+      grad->zero();
+      grad->y0 = ws.keys.y0;
+      grad->rows = ws.keys.rows;
+    }
+    const int64_t y_end = std::min(g.height, (it.block_row + 1) * b);
+    for (int64_t block_x = 0; block_x < g.width; block_x += b) {
+      const int64_t x_end = std::min(g.width, block_x + b);
+      int64_t slot = 0;
+      for (int64_t y = it.block_row * b; y < y_end; ++y) {
+        for (int64_t x = block_x; x < x_end; ++x, ++slot) {
+          backward_query(a, ws, it, QueryAt(g, ws.keys.rows, y, x), slot,
+                         grad_bias_t + it.h * table_size);
+        }
       }
+      const QueryAt block(g, ws.keys.rows, it.block_row * b, block_x);
+      spread_block(ws.grad_values, block.start, block.padded, ws.grad_o.data(), g.dim,
+                   ws.probs.data(), ws.row, slot);
+      spread_block(ws.grad_keys, block.start, block.padded, ws.q_scaled.data(), g.dim,
+                   ws.grad_scores.data(), ws.row, slot);
     }
     ws.grad_keys.scatter_add(a.grad_k, g, it.n, it.h);
     ws.grad_values.scatter_add(a.grad_v, g, it.n, it.h);
