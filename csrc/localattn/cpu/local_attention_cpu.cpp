@@ -83,7 +83,7 @@ LOCALATTN_INLINE Window key_window(const Geometry& g, int64_t y, int64_t x) {
 // The vector loops below run over whole groups of kLanes elements (buffers are padded), so the
 // compiler emits straight SIMD code without remainder loops.
 constexpr int64_t kLanes = 8;
-// combine_features works on kGroup SIMD chunks at a time.
+// combine_features and spread_block work on kGroup SIMD chunks at a time.
 constexpr int64_t kGroup = 4;
 
 LOCALATTN_INLINE int64_t round_up(int64_t n, int64_t multiple) {
@@ -172,11 +172,11 @@ LOCALATTN_INLINE acc_t exp_shifted(acc_t* s, acc_t shift, int64_t n) {
 // blocks, and every loop over keys is contiguous and needs no horizontal sums.
 template <typename acc_t>
 struct Strip {
-  int64_t y0 = 0, rows = 0, stride;
+  int64_t y0 = 0, rows = 0, dim, stride;
   std::vector<acc_t> data;
 
   explicit Strip(const Geometry& g)
-      : stride(round_up(g.width * 3 * g.block + kGroup * kLanes, kLanes)), data(g.dim * stride) {}
+      : dim(g.dim), stride(round_up(g.width * 3 * g.block + kGroup * kLanes, kLanes)), data(g.dim * stride) {}
   acc_t* feature(int64_t d) { return data.data() + d * stride; }
   const acc_t* feature(int64_t d) const { return data.data() + d * stride; }
 
@@ -222,7 +222,7 @@ LOCALATTN_INLINE void combine_features(acc_t* out, const acc_t* weight, const St
   for (int64_t j = 0; j < n; j += kGroup * kLanes) {
     acc_t c0[kLanes] = {}, c1[kLanes] = {}, c2[kLanes] = {}, c3[kLanes] = {};
     const acc_t* keys = strip.feature(0) + start + j;
-    for (int64_t d = 0; d < static_cast<int64_t>(strip.data.size()) / strip.stride; ++d, keys += strip.stride) {
+    for (int64_t d = 0; d < strip.dim; ++d, keys += strip.stride) {
       const acc_t w = weight[d];
 #pragma omp simd
       for (int64_t t = 0; t < kLanes; ++t) {
@@ -374,8 +374,9 @@ struct BackwardWorkspace {
 // are written back unchanged.
 template <typename acc_t>
 LOCALATTN_INLINE void spread_block(Strip<acc_t>& strip, int64_t start, int64_t n,
-                                   const acc_t* coef, int64_t dim, const acc_t* rows,
-                                   int64_t row_stride, int64_t queries) {
+                                   const acc_t* coef, const acc_t* rows, int64_t row_stride,
+                                   int64_t queries) {
+  const int64_t dim = strip.dim;
   for (int64_t d = 0; d < dim; ++d) {
     for (int64_t j = 0; j < n; j += kGroup * kLanes) {
       acc_t* out = strip.feature(d) + start + j;
@@ -475,9 +476,9 @@ LOCALATTN_INLINE void backward_items(
         }
       }
       const QueryAt block(g, ws.keys.rows, it.block_row * b, block_x);
-      spread_block(ws.grad_values, block.start, block.padded, ws.grad_o.data(), g.dim,
-                   ws.probs.data(), ws.row, slot);
-      spread_block(ws.grad_keys, block.start, block.padded, ws.q_scaled.data(), g.dim,
+      spread_block(ws.grad_values, block.start, block.padded, ws.grad_o.data(), ws.probs.data(),
+                   ws.row, slot);
+      spread_block(ws.grad_keys, block.start, block.padded, ws.q_scaled.data(),
                    ws.grad_scores.data(), ws.row, slot);
     }
     ws.grad_keys.scatter_add(a.grad_k, g, it.n, it.h);
