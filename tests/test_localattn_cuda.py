@@ -6,9 +6,12 @@ kernels' tiling. Every kernel error is compared with the error of the plain-PyTo
 path in the same dtype: the kernel may be at most twice as far from the oracle, plus a few units
 of rounding of the largest value.
 
-All tests but the first need a GPU (marker `cuda`, skipped without one by conftest.py).
+Tests marked `cuda` need a GPU (skipped without one by conftest.py). Without one, the same
+kernel sources still run: tests/cuda_emulation builds them for the CPU with emulated threads,
+barriers and shared memory, and they are checked against the same oracle.
 """
 
+import importlib.util
 import random
 from pathlib import Path
 
@@ -64,12 +67,13 @@ def dense_oracle(q, k, v, rpb, block_size, scale, symmetric):
     )
 
 
-def random_inputs(shape, block_size, dtype, rpb_dtype=None, requires_grad=False, seed=0):
-    generator = torch.Generator(device="cuda").manual_seed(seed)
+def random_inputs(shape, block_size, dtype, rpb_dtype=None, requires_grad=False, seed=0,
+                  device="cuda"):
+    generator = torch.Generator(device=device).manual_seed(seed)
     table = 4 * block_size - 1
 
     def draw(size, dt):
-        t = torch.randn(size, generator=generator, device="cuda", dtype=torch.float64).to(dt)
+        t = torch.randn(size, generator=generator, device=device, dtype=torch.float64).to(dt)
         return t.requires_grad_(requires_grad)
 
     q, k, v = (draw(shape, dtype) for _ in range(3))
@@ -115,35 +119,81 @@ def random_config(rng, dtype):
     )
 
 
-def check_against_oracle(shape, block_size, symmetric, dtype, seed, rpb_dtype=None):
-    q, k, v, rpb = random_inputs(shape, block_size, dtype, rpb_dtype, seed=seed)
+def misaligned_copy(t):
+    """A contiguous copy of t whose data does not start on a 16-byte boundary."""
+    storage = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    shifted = storage[1:].view(t.shape).copy_(t)
+    assert shifted.data_ptr() % 16 != 0
+    return shifted
+
+
+def check_against_oracle(shape, block_size, symmetric, dtype, seed, rpb_dtype=None,
+                         forward=FORWARD, backward=BACKWARD, device="cuda", misaligned=False):
+    """Runs forward and backward of the kernels (the ops, or emulated ones) on random inputs and
+    compares out, lse and every gradient with the oracle, against the reference path's error."""
+    q, k, v, rpb = random_inputs(shape, block_size, dtype, rpb_dtype, seed=seed, device=device)
+    if misaligned:
+        q = misaligned_copy(q)
     scale = shape[-1] ** -0.5
-    context = f"shape={shape}, b={block_size}, symmetric={symmetric}, dtype={dtype}, seed={seed}"
-
-    def op(backend):
-        return lambda *t: local_attention2d(*t, block_size, scale, symmetric, backend=backend)
-
-    def oracle(*t):
-        return dense_oracle(*t, block_size, scale, symmetric)[0]
-
+    context = (f"shape={shape}, b={block_size}, symmetric={symmetric}, dtype={dtype}, "
+               f"seed={seed}, misaligned={misaligned}")
     inputs = (q, k, v, rpb)
-    grad_out = torch.randn(shape, device="cuda", dtype=torch.float64).to(dtype)
-    kernel_out, kernel_grads = grads(op("kernel"), inputs, grad_out)
-    reference_out, reference_grads = grads(op("reference"), inputs, grad_out)
+    grad_out = torch.randn(shape, device=device, dtype=torch.float64).to(dtype)
+
+    kernel_out, lse = forward(*inputs, block_size, scale, symmetric)
+    kernel_grads = backward(grad_out, *inputs, kernel_out, lse, block_size, scale, symmetric)
+    reference_out, reference_grads = grads(
+        lambda *t: local_attention2d(*t, block_size, scale, symmetric, backend="reference"),
+        inputs,
+        grad_out,
+    )
     # The oracle gets float64 leaves, so that its gradients are not rounded to dtype.
-    oracle_out, oracle_grads = grads(oracle, [t.double() for t in inputs], grad_out)
+    oracle_out, oracle_grads = grads(
+        lambda *t: dense_oracle(*t, block_size, scale, symmetric)[0],
+        [t.double() for t in inputs],
+        grad_out,
+    )
     assert kernel_out.dtype == dtype
     assert_as_close_as_reference("out", kernel_out, reference_out, oracle_out, dtype, context)
     for name, kernel, reference, expected in zip(
         ("grad_q", "grad_k", "grad_v", "grad_rpb"), kernel_grads, reference_grads, oracle_grads
     ):
-        assert kernel.dtype == reference.dtype
+        assert kernel.dtype == reference.dtype, name
         assert_as_close_as_reference(name, kernel, reference, expected, dtype, context)
 
-    _, lse = FORWARD(q, k, v, rpb, block_size, scale, symmetric)
-    oracle_lse = dense_oracle(q, k, v, rpb, block_size, scale, symmetric)[1]
+    oracle_lse = dense_oracle(*inputs, block_size, scale, symmetric)[1]
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(lse.double(), oracle_lse, rtol=1e-5, atol=1e-5, msg=context)
+
+
+@pytest.fixture(scope="module")
+def emulated_kernels(tmp_path_factory):
+    """The CUDA kernel sources compiled for the CPU (tests/cuda_emulation)."""
+    path = Path(__file__).parent / "cuda_emulation" / "emulation.py"
+    spec = importlib.util.spec_from_file_location("cuda_emulation", path)
+    emulation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emulation)
+    return emulation.build(tmp_path_factory.mktemp("cuda_emulation"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tile_blocks", (None, "1", "3"))
+def test_emulated_kernels_match_oracle(emulated_kernels, monkeypatch, tile_blocks):
+    """All dtypes and block sizes, head sizes on and off the vector path, odd image sizes,
+    misaligned inputs, and (through LOCALATTN_CUDA_TILE_BLOCKS) other tile sizes."""
+    if tile_blocks is not None:
+        monkeypatch.setenv("LOCALATTN_CUDA_TILE_BLOCKS", tile_blocks)
+    rng = random.Random(f"emulated-{tile_blocks}")
+    for seed in range(12):
+        config = dict(
+            shape=(rng.choice((1, 2)), rng.randint(1, 13), rng.randint(1, 13), rng.randint(1, 2),
+                   rng.choice((3, 8, 16, 40))),
+            block_size=rng.choice((1, 2, 3, 4)),
+            symmetric=rng.random() < 0.5,
+        )
+        check_against_oracle(**config, dtype=DTYPES[seed % len(DTYPES)], seed=seed,
+                             forward=emulated_kernels.forward, backward=emulated_kernels.backward,
+                             device="cpu", misaligned=seed % 3 == 0)
 
 
 @pytest.mark.cuda
@@ -205,9 +255,7 @@ def test_misaligned_and_strided_inputs():
     shape = (1, 10, 6, 2, 16)
     q, k, v, rpb = random_inputs(shape, 2, torch.float16, seed=5)
     expected, _ = FORWARD(q, k, v, rpb, 2, 0.25, False)
-    storage = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)
-    shifted = storage[1:].view(shape).copy_(q)
-    assert shifted.data_ptr() % 16 != 0
+    shifted = misaligned_copy(q)
     strided = torch.empty(shape[:-1] + (2 * shape[-1],), device="cuda", dtype=q.dtype)[..., ::2]
     strided.copy_(k)
     for inputs in ((shifted, k, v, rpb), (q, strided, v, rpb)):
