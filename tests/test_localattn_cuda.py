@@ -187,7 +187,7 @@ def test_emulated_kernels_match_oracle(emulated_kernels, monkeypatch, tile_block
     for seed in range(12):
         config = dict(
             shape=(rng.choice((1, 2)), rng.randint(1, 13), rng.randint(1, 13), rng.randint(1, 2),
-                   rng.choice((3, 8, 16, 40))),
+                   rng.choice((3, 8, 16, 40, 64))),
             block_size=rng.choice((1, 2, 3, 4)),
             symmetric=rng.random() < 0.5,
         )

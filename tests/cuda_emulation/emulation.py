@@ -17,7 +17,9 @@ from torch.utils.cpp_extension import load
 
 HERE = Path(__file__).resolve().parent
 KERNELS = HERE.parents[1] / "csrc" / "localattn" / "cuda"
-H100_SHARED_MEMORY = "SharedMemoryLimits shared_memory_limits() { return {232448, 233472 / 2 - 1024}; }\n"
+H100_SHARED_MEMORY = (
+    "SharedMemoryLimits shared_memory_limits() { return {232448, 233472 / 2 - 1024}; }\n"
+)
 
 
 def _host_source(text: str) -> str:
@@ -39,7 +41,8 @@ def _host_helpers(ops: str) -> str:
     """The host helpers of ops.cu (before its anonymous namespace), without device queries."""
     ops = ops[: ops.index("\nnamespace {")] + "\n}  // namespace localattn::cuda\n"
     ops = re.sub(r"#include <(c10/cuda/\w+\.h|torch/library\.h)>\n", "", ops)
-    ops = re.sub(r"SharedMemoryLimits shared_memory_limits\(\) \{.*?\n\}\n", H100_SHARED_MEMORY, ops, flags=re.S)
+    limits = r"SharedMemoryLimits shared_memory_limits\(\) \{.*?\n\}\n"
+    ops = re.sub(limits, H100_SHARED_MEMORY, ops, flags=re.S)
     ops = re.sub(
         r"void allow_shared_memory\(const void\* kernel, int64_t bytes\) \{.*?\n\}\n",
         "void allow_shared_memory(const void*, int64_t) {}\n",
@@ -53,19 +56,20 @@ def build(directory: Path):
     """Writes the rewritten sources to `directory`, compiles them and returns the module, with
     forward(q, k, v, rpb, b, scale, symmetric) and backward(grad_out, q, k, v, rpb, out, lse, b,
     scale, symmetric) calling the kernels' host launchers on CPU tensors."""
-    sources = {"local_attention_cuda.cuh": _host_source((KERNELS / "local_attention_cuda.cuh").read_text())}
+    header = "local_attention_cuda.cuh"
+    sources = {header: _host_source((KERNELS / header).read_text())}
     for name in ("forward", "backward_query", "backward_key"):
         sources[f"{name}.cpp"] = _host_source((KERNELS / f"{name}.cu").read_text())
     sources["ops_host.cpp"] = _host_helpers((KERNELS / "ops.cu").read_text())
     for name, text in sources.items():
         if "<<<" in text or "cudaDeviceGetAttribute" in text or "cudaFuncSetAttribute" in text:
-            raise RuntimeError(f"emulation.py: a CUDA-only construct survived in {name}; update the rewrites")
+            raise RuntimeError(f"emulation.py: CUDA-only code left in {name}; update the rewrites")
         (directory / name).write_text(text)
     (directory / "driver.cpp").write_text((HERE / "driver.cpp").read_text())
-    compiled = [directory / name for name in sources if name.endswith(".cpp")] + [directory / "driver.cpp"]
+    compiled = [name for name in sources if name.endswith(".cpp")] + ["driver.cpp"]
     return load(
         "localattn_cuda_emulated",
-        [str(path) for path in compiled],
+        [str(directory / name) for name in compiled],
         extra_cflags=["-O1", "-std=c++20", "-include", str(HERE / "shim.h")],
         build_directory=str(directory),
     )
