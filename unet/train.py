@@ -94,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--epochs", type=positive_int, default=6)
+    optim.add_argument("--epochs", type=positive_int, default=13)
     optim.add_argument("--batch-size", type=positive_int, default=8, help="per process")
     optim.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate")
     optim.add_argument("--weight-decay", type=non_negative_float, default=0.05)
