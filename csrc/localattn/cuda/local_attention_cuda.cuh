@@ -355,10 +355,14 @@ __device__ auto scaled_row_store(const Geometry& g, const TilePosition& t, T* __
 Geometry make_geometry(const at::Tensor& q, int64_t block_size, bool symmetric,
                        std::initializer_list<const at::Tensor*> tensors);
 
-// Preferred tile side in blocks: 8 x 8 pixels per tile keeps the halo overhead at
-// ((TB+2)/TB)^2 = 2.25 for b = 2. The environment variable LOCALATTN_CUDA_TILE_BLOCKS overrides
-// it (a tuning knob for benchmarks; the tile still shrinks to fit shared memory).
-int preferred_tile_blocks(int b);
+// Largest tile side in blocks to try: 8 x 8 pixels per tile keeps the halo overhead at
+// ((TB+2)/TB)^2 = 2.25 for b = 2.
+inline int default_tile_blocks(int b) { return b == 3 ? 2 : 8 / b; }
+
+// The environment variable LOCALATTN_CUDA_TILE_BLOCKS, a tuning knob for benchmarks: the largest
+// tile side to try instead of the default, without the two-blocks-per-SM preference below.
+// 0 when unset.
+int tile_blocks_setting();
 
 // Shared memory per thread block: the device's opt-in maximum, and the most that still lets two
 // thread blocks share a multiprocessor (each also reserves 1 KiB).
@@ -367,21 +371,23 @@ struct SharedMemoryLimits {
 };
 SharedMemoryLimits shared_memory_limits();
 
-// Uses the largest tile, at most preferred_tile_blocks a side, that lets two thread blocks share
-// a multiprocessor (one block per SM leaves no other block to hide the staging loads and the
+// Uses the largest tile, at most default_tile_blocks a side, that lets two thread blocks share a
+// multiprocessor (one block per SM leaves no other block to hide the staging loads and the
 // barriers behind), or failing that the largest that fits at all; returns its shared-memory
 // bytes (bytes_of). Fails clearly when not even a one-block tile fits.
 template <typename BytesOf>
 int64_t set_tiling(Geometry& g, BytesOf bytes_of) {
   const SharedMemoryLimits limits = shared_memory_limits();
+  const int setting = tile_blocks_setting();
   const auto largest_tile_within = [&](int64_t limit) {
-    for (int tb = preferred_tile_blocks(g.block); tb >= 1; --tb) {
+    for (int tb = setting > 0 ? setting : default_tile_blocks(g.block); tb >= 1; --tb) {
       g.tile_blocks = tb;
       if (bytes_of(g) <= limit) return true;
     }
     return false;
   };
-  const bool fits = largest_tile_within(limits.two_per_sm) || largest_tile_within(limits.per_block);
+  const bool fits = (setting == 0 && largest_tile_within(limits.two_per_sm)) ||
+                    largest_tile_within(limits.per_block);
   const int64_t bytes = bytes_of(g);
   TORCH_CHECK_VALUE(fits, "local_attention2d (CUDA): head size D=", g.dim, " with block_size ",
                     g.block, " needs ", bytes,

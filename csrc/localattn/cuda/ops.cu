@@ -38,15 +38,13 @@ Geometry make_geometry(const at::Tensor& q, int64_t block_size, bool symmetric,
   return g;
 }
 
-int preferred_tile_blocks(int b) {
-  if (const char* setting = std::getenv("LOCALATTN_CUDA_TILE_BLOCKS")) {
-    const int tile_blocks = std::atoi(setting);
-    TORCH_CHECK_VALUE(tile_blocks >= 1,
-                      "LOCALATTN_CUDA_TILE_BLOCKS must be a positive integer, got '",
-                      setting, "'");
-    return tile_blocks;
-  }
-  return b == 3 ? 2 : 8 / b;
+int tile_blocks_setting() {
+  const char* setting = std::getenv("LOCALATTN_CUDA_TILE_BLOCKS");
+  if (setting == nullptr) return 0;
+  const int tile_blocks = std::atoi(setting);
+  TORCH_CHECK_VALUE(tile_blocks >= 1,
+                    "LOCALATTN_CUDA_TILE_BLOCKS must be a positive integer, got '", setting, "'");
+  return tile_blocks;
 }
 
 SharedMemoryLimits shared_memory_limits() {
