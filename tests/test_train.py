@@ -190,6 +190,7 @@ def test_straight_run_writes_logs_and_checkpoints(straight_run):
     assert_same_params(state["model"], params(result.model))
     train_rows = (output / "train.csv").read_text().splitlines()
     assert len(train_rows) == 1 + 6 and train_rows[0] == "step,epoch,lr,loss"
+    assert [row.split(",")[1] for row in train_rows[1:]] == ["1", "1", "1", "2", "2", "2"]
     assert len((output / "eval.csv").read_text().splitlines()) == 1 + 2
     assert (output / "best.pt").is_file() and any((output / "tb").iterdir())
 

@@ -229,7 +229,9 @@ class RunLog:
             warnings.warn(f"TensorBoard unavailable ({error}); logging to CSV only")
             self.tensorboard = None
         else:
-            self.tensorboard = SummaryWriter(log_dir=str(output / "tb"))
+            # purge_step drops the events an interrupted run logged after its last checkpoint.
+            purge_step = None if resume_step is None else resume_step + 1
+            self.tensorboard = SummaryWriter(log_dir=str(output / "tb"), purge_step=purge_step)
 
     def step(self, step: int, epoch: int, lr: float, loss: float, parts: dict) -> None:
         self.train.write({"step": step, "epoch": epoch, "lr": lr, "loss": loss})
@@ -437,7 +439,7 @@ def _train(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
                 if info.is_main:
                     lr = optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                    log.step(result.global_step, epoch, lr, group_loss, parts)
+                    log.step(result.global_step, epoch + 1, lr, group_loss, parts)
                 stopping = distributed.any_true(stop.received is not None, info)
                 if stopping or (args.checkpoint_every and result.global_step % args.checkpoint_every == 0):
                     save(LAST_NAME, epoch, step_in_epoch)
