@@ -225,6 +225,20 @@ struct Strip {
   LOCALATTN_INLINE void zero() { std::fill(data.begin(), data.end(), acc_t(0)); }
 };
 
+// c_k[t] += w * x[k * kLanes + t] for the kGroup chunks c0..c3 of a group held in registers.
+template <typename acc_t>
+LOCALATTN_INLINE void add_scaled_group(acc_t* c0, acc_t* c1, acc_t* c2, acc_t* c3, acc_t w,
+                                       const acc_t* x) {
+  static_assert(kGroup == 4, "a group is four chunks");
+#pragma omp simd
+  for (int64_t t = 0; t < kLanes; ++t) {
+    c0[t] += w * x[t];
+    c1[t] += w * x[kLanes + t];
+    c2[t] += w * x[2 * kLanes + t];
+    c3[t] += w * x[3 * kLanes + t];
+  }
+}
+
 // out[j] = sum_d weight[d] * strip[d][start + j] for j < n (a multiple of kLanes): scores from a
 // query, or dO . v. Keys go kGroup SIMD chunks at a time with the sums held in registers
 // across d, instead of a read-modify-write of out per d; the last group may read up to
@@ -232,19 +246,11 @@ struct Strip {
 template <typename acc_t>
 LOCALATTN_INLINE void combine_features(acc_t* out, const acc_t* weight, const Strip<acc_t>& strip,
                                        int64_t start, int64_t n) {
-  static_assert(kGroup == 4, "the unrolled sums below assume four chunks");
   for (int64_t j = 0; j < n; j += kGroup * kLanes) {
     acc_t c0[kLanes] = {}, c1[kLanes] = {}, c2[kLanes] = {}, c3[kLanes] = {};
     const acc_t* keys = strip.feature(0) + start + j;
     for (int64_t d = 0; d < strip.dim; ++d, keys += strip.stride) {
-      const acc_t w = weight[d];
-#pragma omp simd
-      for (int64_t t = 0; t < kLanes; ++t) {
-        c0[t] += w * keys[t];
-        c1[t] += w * keys[kLanes + t];
-        c2[t] += w * keys[2 * kLanes + t];
-        c3[t] += w * keys[3 * kLanes + t];
-      }
+      add_scaled_group(c0, c1, c2, c3, weight[d], keys);
     }
     const acc_t* sums[kGroup] = {c0, c1, c2, c3};
     for (int64_t chunk = 0; chunk < kGroup && j + chunk * kLanes < n; ++chunk) {
@@ -404,15 +410,7 @@ LOCALATTN_INLINE void spread_block(Strip<acc_t>& strip, int64_t start, int64_t n
         c3[t] = out[3 * kLanes + t];
       }
       for (int64_t q = 0; q < queries; ++q) {
-        const acc_t w = coef[q * dim + d];
-        const acc_t* r = rows + q * row_stride + j;
-#pragma omp simd
-        for (int64_t t = 0; t < kLanes; ++t) {
-          c0[t] += w * r[t];
-          c1[t] += w * r[kLanes + t];
-          c2[t] += w * r[2 * kLanes + t];
-          c3[t] += w * r[3 * kLanes + t];
-        }
+        add_scaled_group(c0, c1, c2, c3, coef[q * dim + d], rows + q * row_stride + j);
       }
 #pragma omp simd
       for (int64_t t = 0; t < kLanes; ++t) {
