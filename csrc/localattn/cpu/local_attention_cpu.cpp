@@ -7,9 +7,12 @@
 //
 // Work is split into items (batch, block row, head). An item first copies the key rows its
 // block row sees into a transposed "strip" (see Strip), then walks its queries; every loop over
-// keys is then a contiguous SIMD loop. The forward writes only the item's own queries. The backward also scatters into dk/dv of the block rows above and below, so it runs
-// in three phases (block row mod 3): items of one phase touch disjoint key rows, hence no race
-// and no per-thread copies of dk/dv. The bias gradient is summed per thread, then reduced.
+// keys is then a contiguous SIMD loop. The forward writes only the item's own queries. The
+// backward also adds into dk/dv of the block rows above and below, so it runs in three phases
+// (block row mod 3): items of one phase touch disjoint key rows, hence no race and no per-thread
+// copies of dk/dv. Sums over keys that give a D-vector (dq, dk, dv) run over the untransposed
+// rows of k, dk, dv directly, vectorised along D. The bias gradient is summed per thread, then
+// reduced.
 //
 // Probabilities are never stored: the forward saves the log-sum-exp of each query row and the
 // backward recomputes p = exp(s - lse), with delta = rowsum(dO * O) as in FlashAttention.
@@ -83,7 +86,7 @@ LOCALATTN_INLINE Window key_window(const Geometry& g, int64_t y, int64_t x) {
 // The vector loops below run over whole groups of kLanes elements (buffers are padded), so the
 // compiler emits straight SIMD code without remainder loops.
 constexpr int64_t kLanes = 8;
-// combine_features and spread_block work on kGroup SIMD chunks at a time.
+// combine_features, query_gradient and add_to_keys work on kGroup SIMD chunks at a time.
 constexpr int64_t kGroup = 4;
 // The forward prefetches the query this many pixels ahead.
 constexpr int64_t kPrefetchAhead = 4;
@@ -211,31 +214,19 @@ struct Strip {
       std::fill(feature(d) + g.width * rows, feature(d) + stride, acc_t(0));
     }
   }
-
-  // dst[key][d] += strip entry of that key: the inverse of gather, for gradients.
-  LOCALATTN_INLINE void scatter_add(acc_t* dst, const Geometry& g, int64_t n, int64_t h) const {
-    for (int64_t kx = 0; kx < g.width; ++kx) {
-      for (int64_t r = 0; r < rows; ++r) {
-        acc_t* key = dst + g.pixel(n, y0 + r, kx) + h * g.dim;
-        for (int64_t d = 0; d < g.dim; ++d) key[d] += data[d * stride + kx * rows + r];
-      }
-    }
-  }
-
-  LOCALATTN_INLINE void zero() { std::fill(data.begin(), data.end(), acc_t(0)); }
 };
 
 // c_k[t] += w * x[k * kLanes + t] for the kGroup chunks c0..c3 of a group held in registers.
-template <typename acc_t>
+template <typename acc_t, typename src_t>
 LOCALATTN_INLINE void add_scaled_group(acc_t* c0, acc_t* c1, acc_t* c2, acc_t* c3, acc_t w,
-                                       const acc_t* x) {
+                                       const src_t* x) {
   static_assert(kGroup == 4, "a group is four chunks");
 #pragma omp simd
   for (int64_t t = 0; t < kLanes; ++t) {
-    c0[t] += w * x[t];
-    c1[t] += w * x[kLanes + t];
-    c2[t] += w * x[2 * kLanes + t];
-    c3[t] += w * x[3 * kLanes + t];
+    c0[t] += w * static_cast<acc_t>(x[t]);
+    c1[t] += w * static_cast<acc_t>(x[kLanes + t]);
+    c2[t] += w * static_cast<acc_t>(x[2 * kLanes + t]);
+    c3[t] += w * static_cast<acc_t>(x[3 * kLanes + t]);
   }
 }
 
@@ -374,57 +365,81 @@ struct BackwardArgs {
 };
 
 // Per-thread buffers of the backward. p, dS, q * scale and dO are kept for every query of the
-// current block, so that dK and dV are updated once per block (see spread_block).
+// current block, so that dK and dV are updated once per block (see add_to_keys).
 template <typename acc_t>
 struct BackwardWorkspace {
-  Strip<acc_t> keys, values, grad_keys, grad_values;
-  int64_t row;  // stride of probs and grad_scores: a window, rounded up, plus kGroup slack
+  Strip<acc_t> keys, values;
+  int64_t row;       // stride of probs and grad_scores: a window, rounded up
+  int64_t features;  // stride of q_scaled and grad_o: D rounded up to whole groups, zero-padded
   std::vector<acc_t> probs, grad_scores;  // [b*b][row]
-  std::vector<acc_t> q_scaled, grad_o;    // [b*b][D]
+  std::vector<acc_t> q_scaled, grad_o;    // [b*b][features]
 
   explicit BackwardWorkspace(const Geometry& g)
-      : keys(g), values(g), grad_keys(g), grad_values(g),
-        row(round_up(9 * g.block * g.block, kLanes) + kGroup * kLanes),
+      : keys(g), values(g), row(round_up(9 * g.block * g.block, kLanes)),
+        features(round_up(g.dim, kGroup * kLanes)),
         probs(g.block * g.block * row), grad_scores(g.block * g.block * row),
-        q_scaled(g.block * g.block * g.dim), grad_o(g.block * g.block * g.dim) {}
+        q_scaled(g.block * g.block * features), grad_o(g.block * g.block * features) {}
 };
 
-// strip[d][start + j] += sum_q coef[q][d] * rows[q][j] for j < n and the `queries` queries of a
-// block: the dK or dV update of a whole block with one read-modify-write of the strip. Like
-// combine_features it goes kGroup chunks at a time; rows are zero past n, so the chunks past n
-// are written back unchanged.
+// Row of key (y, kx) of the item's head in a [B, H, W, heads, D] tensor.
+template <typename T>
+LOCALATTN_INLINE T* key_row(T* tensor, const Geometry& g, const Item& it, int64_t y, int64_t kx) {
+  return tensor + g.pixel(it.n, y, kx) + it.h * g.dim;
+}
+
+// dq = scale * sum_j dS[j] * k_j over the window's keys. Whole groups of kGroup * kLanes features
+// go along the rows of k, vectorised over features (no horizontal sums); the features past the
+// last whole group, if any, go along the strip.
+template <typename scalar_t, typename acc_t>
+LOCALATTN_INLINE void query_gradient(acc_t* grad_q, const acc_t* grad_s, const scalar_t* k,
+                                     const Strip<acc_t>& keys, const Geometry& g, const Item& it,
+                                     const QueryAt& qa, acc_t scale) {
+  constexpr int64_t kWidth = kGroup * kLanes;
+  const int64_t whole = g.dim / kWidth * kWidth;
+  for (int64_t c = 0; c < whole; c += kWidth) {
+    acc_t sums[kWidth] = {};
+    for (int64_t kx = qa.x0; kx < qa.x1; ++kx) {
+      const acc_t* column = grad_s + (kx - qa.x0) * keys.rows;
+      for (int64_t r = 0; r < keys.rows; ++r) {
+        add_scaled_group(sums, sums + kLanes, sums + 2 * kLanes, sums + 3 * kLanes, column[r],
+                         key_row(k, g, it, keys.y0 + r, kx) + c);
+      }
+    }
+    for (int64_t d = 0; d < kWidth; ++d) grad_q[c + d] = scale * sums[d];
+  }
+  for (int64_t d = whole; d < g.dim; ++d) {
+    grad_q[d] = scale * dot_lanes(grad_s, keys.feature(d) + qa.start, qa.padded);
+  }
+}
+
+// dst_j += sum_q w[q][j] * coef[q] for the keys j of a block's window, dst_j being the row of key
+// j in dk or dv (the phases keep other threads off it): the dK or dV update of a whole block,
+// summed in registers over the block's queries and added to each row once. coef rows are
+// zero-padded to whole groups, so only the add back is cut at D.
 template <typename acc_t>
-LOCALATTN_INLINE void spread_block(Strip<acc_t>& strip, int64_t start, int64_t n,
-                                   const acc_t* coef, const acc_t* rows, int64_t row_stride,
-                                   int64_t queries) {
-  const int64_t dim = strip.dim;
-  for (int64_t d = 0; d < dim; ++d) {
-    for (int64_t j = 0; j < n; j += kGroup * kLanes) {
-      acc_t* out = strip.feature(d) + start + j;
-      acc_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
-#pragma omp simd
-      for (int64_t t = 0; t < kLanes; ++t) {
-        c0[t] = out[t];
-        c1[t] = out[kLanes + t];
-        c2[t] = out[2 * kLanes + t];
-        c3[t] = out[3 * kLanes + t];
-      }
-      for (int64_t q = 0; q < queries; ++q) {
-        add_scaled_group(c0, c1, c2, c3, coef[q * dim + d], rows + q * row_stride + j);
-      }
-#pragma omp simd
-      for (int64_t t = 0; t < kLanes; ++t) {
-        out[t] = c0[t];
-        out[kLanes + t] = c1[t];
-        out[2 * kLanes + t] = c2[t];
-        out[3 * kLanes + t] = c3[t];
+LOCALATTN_INLINE void add_to_keys(acc_t* dst, const acc_t* coef, int64_t coef_stride,
+                                  const acc_t* w, int64_t w_stride, int64_t queries,
+                                  const Geometry& g, const Item& it, const QueryAt& block,
+                                  const Strip<acc_t>& keys) {
+  constexpr int64_t kWidth = kGroup * kLanes;
+  for (int64_t kx = block.x0; kx < block.x1; ++kx) {
+    for (int64_t r = 0; r < keys.rows; ++r) {
+      const int64_t j = (kx - block.x0) * keys.rows + r;
+      acc_t* row = key_row(dst, g, it, keys.y0 + r, kx);
+      for (int64_t c = 0; c < g.dim; c += kWidth) {
+        acc_t sums[kWidth] = {};
+        for (int64_t q = 0; q < queries; ++q) {
+          add_scaled_group(sums, sums + kLanes, sums + 2 * kLanes, sums + 3 * kLanes,
+                           w[q * w_stride + j], coef + q * coef_stride + c);
+        }
+        add(row + c, sums, std::min(kWidth, g.dim - c));
       }
     }
   }
 }
 
 // Backward of the query in `slot` of its block: writes dq, adds dS into the (transposed) bias
-// gradient of the head, and leaves p, dS, q * scale and dO in the slot for spread_block.
+// gradient of the head, and leaves p, dS, q * scale and dO in the slot for add_to_keys.
 template <typename scalar_t>
 LOCALATTN_INLINE void backward_query(const BackwardArgs<scalar_t>& a,
                                      BackwardWorkspace<at::opmath_type<scalar_t>>& ws,
@@ -434,8 +449,8 @@ LOCALATTN_INLINE void backward_query(const BackwardArgs<scalar_t>& a,
   const Geometry& g = a.g;
   const int64_t D = g.dim, n = qa.padded;
   const int64_t query = g.pixel(it.n, qa.y, qa.x) + it.h * D;
-  acc_t* q_scaled = &ws.q_scaled[slot * D];
-  acc_t* grad_o = &ws.grad_o[slot * D];
+  acc_t* q_scaled = &ws.q_scaled[slot * ws.features];
+  acc_t* grad_o = &ws.grad_o[slot * ws.features];
   acc_t* probs = &ws.probs[slot * ws.row];
   acc_t* grad_s = &ws.grad_scores[slot * ws.row];
   load_scaled(q_scaled, a.q + query, a.scale, D);
@@ -447,11 +462,7 @@ LOCALATTN_INLINE void backward_query(const BackwardArgs<scalar_t>& a,
   combine_features(grad_s, grad_o, ws.values, qa.start, n);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) grad_s[j] = probs[j] * (grad_s[j] - delta);
-  std::fill(probs + n, probs + ws.row, acc_t(0));
-  std::fill(grad_s + n, grad_s + ws.row, acc_t(0));
-  for (int64_t d = 0; d < D; ++d) {
-    a.grad_q[query + d] = a.scale * dot_lanes(grad_s, ws.keys.feature(d) + qa.start, n);
-  }
+  query_gradient(a.grad_q + query, grad_s, a.k, ws.keys, g, it, qa, a.scale);
   for (int64_t kx = qa.x0; kx < qa.x1; ++kx) {
     add(grad_bias_t + bias_column(g, qa, ws.keys.y0, kx), grad_s + (kx - qa.x0) * ws.keys.rows,
         ws.keys.rows);
@@ -473,11 +484,6 @@ LOCALATTN_INLINE void backward_items(
     const Window rows = block_window(g, it.block_row, 0);
     ws.keys.gather(a.k, g, it.n, it.h, rows);
     ws.values.gather(a.v, g, it.n, it.h, rows);
-    for (Strip<acc_t>* grad : {&ws.grad_keys, &ws.grad_values}) {
-      grad->zero();
-      grad->y0 = ws.keys.y0;
-      grad->rows = ws.keys.rows;
-    }
     const int64_t y_end = std::min(g.height, (it.block_row + 1) * b);
     for (int64_t block_x = 0; block_x < g.width; block_x += b) {
       const int64_t x_end = std::min(g.width, block_x + b);
@@ -493,13 +499,11 @@ LOCALATTN_INLINE void backward_items(
         }
       }
       const QueryAt block(g, ws.keys.rows, it.block_row * b, block_x);
-      spread_block(ws.grad_values, block.start, block.padded, ws.grad_o.data(), ws.probs.data(),
-                   ws.row, slot);
-      spread_block(ws.grad_keys, block.start, block.padded, ws.q_scaled.data(),
-                   ws.grad_scores.data(), ws.row, slot);
+      add_to_keys(a.grad_v, ws.grad_o.data(), ws.features, ws.probs.data(), ws.row, slot, g, it,
+                  block, ws.keys);
+      add_to_keys(a.grad_k, ws.q_scaled.data(), ws.features, ws.grad_scores.data(), ws.row, slot,
+                  g, it, block, ws.keys);
     }
-    ws.grad_keys.scatter_add(a.grad_k, g, it.n, it.h);
-    ws.grad_values.scatter_add(a.grad_v, g, it.n, it.h);
   }
 }
 
