@@ -412,29 +412,46 @@ LOCALATTN_INLINE void query_gradient(acc_t* grad_q, const acc_t* grad_s, const s
   }
 }
 
+// dst[k] += sum_q w[q][j + k] * coef[q] for the kKeys keys j, j + 1, ... of a block's window
+// (dst[k] being the row of key j + k in dk or dv): sums in registers over the block's queries,
+// each load of a coef chunk serving kKeys keys, then one add per row. coef rows are zero-padded
+// to whole groups, so only the add back is cut at D.
+template <int64_t kKeys, typename acc_t>
+LOCALATTN_INLINE void add_to_rows(acc_t* const* dst, const acc_t* coef, int64_t coef_stride,
+                                  const acc_t* w, int64_t w_stride, int64_t queries, int64_t j,
+                                  int64_t dim) {
+  constexpr int64_t kWidth = kGroup * kLanes;
+  for (int64_t c = 0; c < dim; c += kWidth) {
+    acc_t sums[kKeys][kWidth] = {};
+    for (int64_t q = 0; q < queries; ++q) {
+      for (int64_t k = 0; k < kKeys; ++k) {
+        add_scaled_group(sums[k], sums[k] + kLanes, sums[k] + 2 * kLanes, sums[k] + 3 * kLanes,
+                         w[q * w_stride + j + k], coef + q * coef_stride + c);
+      }
+    }
+    for (int64_t k = 0; k < kKeys; ++k) add(dst[k] + c, sums[k], std::min(kWidth, dim - c));
+  }
+}
+
 // dst_j += sum_q w[q][j] * coef[q] for the keys j of a block's window, dst_j being the row of key
 // j in dk or dv (the phases keep other threads off it): the dK or dV update of a whole block,
-// summed in registers over the block's queries and added to each row once. coef rows are
-// zero-padded to whole groups, so only the add back is cut at D.
+// added to each row once, two keys at a time.
 template <typename acc_t>
 LOCALATTN_INLINE void add_to_keys(acc_t* dst, const acc_t* coef, int64_t coef_stride,
                                   const acc_t* w, int64_t w_stride, int64_t queries,
                                   const Geometry& g, const Item& it, const QueryAt& block,
                                   const Strip<acc_t>& keys) {
-  constexpr int64_t kWidth = kGroup * kLanes;
-  for (int64_t kx = block.x0; kx < block.x1; ++kx) {
-    for (int64_t r = 0; r < keys.rows; ++r) {
-      const int64_t j = (kx - block.x0) * keys.rows + r;
-      acc_t* row = key_row(dst, g, it, keys.y0 + r, kx);
-      for (int64_t c = 0; c < g.dim; c += kWidth) {
-        acc_t sums[kWidth] = {};
-        for (int64_t q = 0; q < queries; ++q) {
-          add_scaled_group(sums, sums + kLanes, sums + 2 * kLanes, sums + 3 * kLanes,
-                           w[q * w_stride + j], coef + q * coef_stride + c);
-        }
-        add(row + c, sums, std::min(kWidth, g.dim - c));
-      }
-    }
+  const auto row = [&](int64_t j) {
+    return key_row(dst, g, it, keys.y0 + j % keys.rows, block.x0 + j / keys.rows);
+  };
+  int64_t j = 0;
+  for (; j + 2 <= block.count; j += 2) {
+    acc_t* const rows[2] = {row(j), row(j + 1)};
+    add_to_rows<2>(rows, coef, coef_stride, w, w_stride, queries, j, g.dim);
+  }
+  if (j < block.count) {
+    acc_t* const last = row(j);
+    add_to_rows<1>(&last, coef, coef_stride, w, w_stride, queries, j, g.dim);
   }
 }
 
