@@ -86,7 +86,7 @@ LOCALATTN_INLINE Window key_window(const Geometry& g, int64_t y, int64_t x) {
 // The vector loops below run over whole groups of kLanes elements (buffers are padded), so the
 // compiler emits straight SIMD code without remainder loops.
 constexpr int64_t kLanes = 8;
-// combine_features, query_gradient and add_to_keys work on kGroup SIMD chunks at a time.
+// combine_features, query_gradients and add_to_keys work on kGroup SIMD chunks at a time.
 constexpr int64_t kGroup = 4;
 // The forward prefetches the query this many pixels ahead.
 constexpr int64_t kPrefetchAhead = 4;
@@ -373,12 +373,14 @@ struct BackwardWorkspace {
   int64_t features;  // stride of q_scaled and grad_o: D rounded up to whole groups, zero-padded
   std::vector<acc_t> probs, grad_scores;  // [b*b][row]
   std::vector<acc_t> q_scaled, grad_o;    // [b*b][features]
+  std::vector<int64_t> query;             // [b*b]: offset of the slot's query in q
 
   explicit BackwardWorkspace(const Geometry& g)
       : keys(g), values(g), row(round_up(9 * g.block * g.block, kLanes)),
         features(round_up(g.dim, kGroup * kLanes)),
         probs(g.block * g.block * row), grad_scores(g.block * g.block * row),
-        q_scaled(g.block * g.block * features), grad_o(g.block * g.block * features) {}
+        q_scaled(g.block * g.block * features), grad_o(g.block * g.block * features),
+        query(g.block * g.block) {}
 };
 
 // Row of key (y, kx) of the item's head in a [B, H, W, heads, D] tensor.
@@ -387,28 +389,59 @@ LOCALATTN_INLINE T* key_row(T* tensor, const Geometry& g, const Item& it, int64_
   return tensor + g.pixel(it.n, y, kx) + it.h * g.dim;
 }
 
-// dq = scale * sum_j dS[j] * k_j over the window's keys. Whole groups of kGroup * kLanes features
-// go along the rows of k, vectorised over features (no horizontal sums); the features past the
-// last whole group, if any, go along the strip.
-template <typename scalar_t, typename acc_t>
-LOCALATTN_INLINE void query_gradient(acc_t* grad_q, const acc_t* grad_s, const scalar_t* k,
-                                     const Strip<acc_t>& keys, const Geometry& g, const Item& it,
-                                     const QueryAt& qa, acc_t scale) {
+// dq[q] = scale * sum_j dS[q][j] * k_j over the window's keys, for kQueries queries of one block.
+// Whole groups of kGroup * kLanes features go along the rows of k, vectorised over features (no
+// horizontal sums), each load of k serving kQueries queries; the features past the last whole
+// group, if any, go along the strip.
+template <int64_t kQueries, typename scalar_t, typename acc_t>
+LOCALATTN_INLINE void query_gradients(acc_t* const* grad_q, const acc_t* const* grad_s,
+                                      const scalar_t* k, const Strip<acc_t>& keys,
+                                      const Geometry& g, const Item& it, const QueryAt& block,
+                                      acc_t scale) {
   constexpr int64_t kWidth = kGroup * kLanes;
   const int64_t whole = g.dim / kWidth * kWidth;
   for (int64_t c = 0; c < whole; c += kWidth) {
-    acc_t sums[kWidth] = {};
-    for (int64_t kx = qa.x0; kx < qa.x1; ++kx) {
-      const acc_t* column = grad_s + (kx - qa.x0) * keys.rows;
+    acc_t sums[kQueries][kWidth] = {};
+    for (int64_t kx = block.x0; kx < block.x1; ++kx) {
+      const int64_t column = (kx - block.x0) * keys.rows;
       for (int64_t r = 0; r < keys.rows; ++r) {
-        add_scaled_group(sums, sums + kLanes, sums + 2 * kLanes, sums + 3 * kLanes, column[r],
-                         key_row(k, g, it, keys.y0 + r, kx) + c);
+        const scalar_t* key = key_row(k, g, it, keys.y0 + r, kx) + c;
+        for (int64_t q = 0; q < kQueries; ++q) {
+          add_scaled_group(sums[q], sums[q] + kLanes, sums[q] + 2 * kLanes, sums[q] + 3 * kLanes,
+                           grad_s[q][column + r], key);
+        }
       }
     }
-    for (int64_t d = 0; d < kWidth; ++d) grad_q[c + d] = scale * sums[d];
+    for (int64_t q = 0; q < kQueries; ++q) {
+      for (int64_t d = 0; d < kWidth; ++d) grad_q[q][c + d] = scale * sums[q][d];
+    }
   }
-  for (int64_t d = whole; d < g.dim; ++d) {
-    grad_q[d] = scale * dot_lanes(grad_s, keys.feature(d) + qa.start, qa.padded);
+  for (int64_t q = 0; q < kQueries; ++q) {
+    for (int64_t d = whole; d < g.dim; ++d) {
+      grad_q[q][d] = scale * dot_lanes(grad_s[q], keys.feature(d) + block.start, block.padded);
+    }
+  }
+}
+
+// dq of the first `queries` slots of a block, two at a time.
+template <typename scalar_t>
+LOCALATTN_INLINE void block_query_gradients(const BackwardArgs<scalar_t>& a,
+                                            BackwardWorkspace<at::opmath_type<scalar_t>>& ws,
+                                            const Item& it, const QueryAt& block,
+                                            int64_t queries) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto grad_q = [&](int64_t slot) { return a.grad_q + ws.query[slot]; };
+  const auto grad_s = [&](int64_t slot) { return &ws.grad_scores[slot * ws.row]; };
+  int64_t slot = 0;
+  for (; slot + 2 <= queries; slot += 2) {
+    acc_t* const out[2] = {grad_q(slot), grad_q(slot + 1)};
+    const acc_t* const in[2] = {grad_s(slot), grad_s(slot + 1)};
+    query_gradients<2>(out, in, a.k, ws.keys, a.g, it, block, a.scale);
+  }
+  if (slot < queries) {
+    acc_t* const out = grad_q(slot);
+    const acc_t* const in = grad_s(slot);
+    query_gradients<1>(&out, &in, a.k, ws.keys, a.g, it, block, a.scale);
   }
 }
 
@@ -455,8 +488,9 @@ LOCALATTN_INLINE void add_to_keys(acc_t* dst, const acc_t* coef, int64_t coef_st
   }
 }
 
-// Backward of the query in `slot` of its block: writes dq, adds dS into the (transposed) bias
-// gradient of the head, and leaves p, dS, q * scale and dO in the slot for add_to_keys.
+// Backward of the query in `slot` of its block: adds dS into the (transposed) bias gradient of
+// the head, and leaves p, dS, q * scale, dO and the query's offset in the slot for
+// block_query_gradients and add_to_keys.
 template <typename scalar_t>
 LOCALATTN_INLINE void backward_query(const BackwardArgs<scalar_t>& a,
                                      BackwardWorkspace<at::opmath_type<scalar_t>>& ws,
@@ -479,7 +513,7 @@ LOCALATTN_INLINE void backward_query(const BackwardArgs<scalar_t>& a,
   combine_features(grad_s, grad_o, ws.values, qa.start, n);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) grad_s[j] = probs[j] * (grad_s[j] - delta);
-  query_gradient(a.grad_q + query, grad_s, a.k, ws.keys, g, it, qa, a.scale);
+  ws.query[slot] = query;
   for (int64_t kx = qa.x0; kx < qa.x1; ++kx) {
     add(grad_bias_t + bias_column(g, qa, ws.keys.y0, kx), grad_s + (kx - qa.x0) * ws.keys.rows,
         ws.keys.rows);
@@ -516,6 +550,7 @@ LOCALATTN_INLINE void backward_items(
         }
       }
       const QueryAt block(g, ws.keys.rows, it.block_row * b, block_x);
+      block_query_gradients(a, ws, it, block, slot);
       add_to_keys(a.grad_v, ws.grad_o.data(), ws.features, ws.probs.data(), ws.row, slot, g, it,
                   block, ws.keys);
       add_to_keys(a.grad_k, ws.q_scaled.data(), ws.features, ws.grad_scores.data(), ws.row, slot,
