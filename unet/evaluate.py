@@ -22,9 +22,8 @@ from tqdm import tqdm
 from unet.checkpoint import load_model
 from unet.distributed import resolve_device
 from unet.labels import LABELS, NUM_LABELS
-from unet.predict import (
-    AMP_DTYPES, POSTPROCESS_METHODS, label_map, non_negative_int, positive_int, predict_probabilities,
-)
+from unet.cli import AMP_DTYPES, non_negative_int, positive_int
+from unet.predict import POSTPROCESS_METHODS, label_map, predict_probabilities
 
 PER_LABEL_FIELDS = ("intersection", "union", "iou", "predicted_mass", "true_mass")
 

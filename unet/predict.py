@@ -21,9 +21,7 @@ Images of the same size share a batch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
-import math
 import sys
 from pathlib import Path
 
@@ -34,40 +32,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from unet.checkpoint import load_model
+from unet.cli import AMP_DTYPES, autocast, number_type, positive_int
 from unet.distributed import resolve_device
 from unet.labels import PALETTE
 
 POSTPROCESS_METHODS = ("argmax", "dust_fill")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def number_type(kind, minimum, inclusive: bool, what: str, maximum=None):
-    """An argparse `type` for a finite number in a range; its message says what was expected."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        too_low = value < minimum or (value == minimum and not inclusive)
-        if not math.isfinite(value) or too_low or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return value
-
-    return parse
-
-
-positive_int = number_type(int, 1, True, "a positive integer")
-non_negative_int = number_type(int, 0, True, "an integer >= 0")
-
-
-def autocast(device: torch.device, amp: str):
-    """The autocast context for ``--amp``; a no-op for ``"none"``."""
-    dtype = AMP_DTYPES[amp]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:

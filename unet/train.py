@@ -43,7 +43,7 @@ from unet.checkpoint import (
 )
 from unet.evaluate import confusion_matrices
 from unet.labels import LABELS
-from unet.predict import AMP_DTYPES, autocast, non_negative_int, number_type, positive_int
+from unet.cli import AMP_DTYPES, autocast, non_negative_int, number_type, positive_int
 
 
 class NonFiniteLossError(RuntimeError):
