@@ -145,7 +145,7 @@ def test_build_model_and_config_errors():
         build_model("tiny", heads=5)
     with pytest.raises(ValueError, match=r"local_attention_levels must hold decoder levels in \[0, depth=3\)"):
         build_model("tiny", local_attention_levels=(3,))
-    with pytest.raises(ValueError, match="convs_per_block must be an int >= 2"):
+    with pytest.raises(ValueError, match="convs_per_block: expected an int >= 2, got 1"):
         UNetConfig(convs_per_block=1)
     with pytest.raises(ValueError, match="unknown UNetConfig fields"):
         UNetConfig.from_dict({"depht": 2})

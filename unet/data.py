@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from unet.checks import check_int
 from unet.labels import LABEL_INDEX, LABELS, NUM_LABELS
 from unet.synthetic import render_figure
 
@@ -208,21 +209,13 @@ def split_indices(count: int, split: str, val_fraction: float, seed: int) -> lis
 # ----------------------------------------------------------------------------- datasets
 
 
-def _check_size(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
-
-
 class SyntheticClothing(Dataset):
     """The built-in procedural dataset: item `index` is drawn from numpy's rng seeded (seed, index)."""
 
     def __init__(self, num_images: int, image_size: int = 128, seed: int = 0, augment: bool = False):
-        self.num_images = _check_size("num_images", num_images)
-        self.image_size = _check_size("image_size", image_size)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
-        self.seed, self.augment = int(seed), augment
+        self.num_images = check_int("num_images", num_images)
+        self.image_size = check_int("image_size", image_size)
+        self.seed, self.augment = check_int("seed", seed, minimum=0), augment
 
     def __len__(self) -> int:
         return self.num_images
@@ -243,7 +236,7 @@ class LabelledFiles(Dataset):
     """Image files paired with label maps: split by sorted name, then checked from file headers."""
 
     def __init__(self, pairs, image_size, split, val_fraction, seed, augment, lookup=None, check_labels=False):
-        self.image_size = _check_size("image_size", image_size)
+        self.image_size = check_int("image_size", image_size)
         self.augment, self.lookup = augment, lookup
         pairs = sorted(pairs)
         chosen = [pairs[i] for i in split_indices(len(pairs), split, val_fraction, seed)]
@@ -341,7 +334,7 @@ def build_datasets(data: str = "synthetic", image_size: int = 128, seed: int = 0
     """
     _check_fraction(val_fraction)
     if data == "synthetic":
-        num_val = max(1, round(_check_size("num_synthetic", num_synthetic) * val_fraction))
+        num_val = max(1, round(check_int("num_synthetic", num_synthetic) * val_fraction))
         return (SyntheticClothing(num_synthetic, image_size, 2 * seed, augment),
                 SyntheticClothing(num_val, image_size, 2 * seed + 1, augment=False))
     root = Path(data)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from unet.checks import check_int
 from unet.labels import LABELS, NUM_LABELS
 
 
@@ -30,9 +31,7 @@ class ConfusionMatrix:
     """``matrix[t, p]`` counts pixels of true label ``t`` predicted as ``p`` (int64, rows = truth)."""
 
     def __init__(self, num_labels: int = NUM_LABELS, device: torch.device | str | None = None) -> None:
-        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
-            raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
-        self.num_labels = num_labels
+        self.num_labels = check_int("num_labels", num_labels)
         self.matrix = torch.zeros(num_labels, num_labels, dtype=torch.int64, device=device)
 
     def reset(self) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from unet.blocks import BottleneckBlock, DownBlock, LocalFeatureNorm, UpBlock
+from unet.checks import check_int
 from unet.labels import NUM_LABELS
 
 
@@ -53,11 +54,11 @@ class UNetConfig:
     image_size: int = 128  # the nominal training size of a preset (any multiple of 2**depth works)
 
     def __post_init__(self) -> None:
-        for name in ("in_channels", "num_labels", "base_features", "depth", "heads", "norm_groups",
-                     "local_attention_block_size", "local_attention_heads", "image_size"):
-            _require_positive_int(name, getattr(self, name))
-        _require_positive_int("bottleneck_blocks", self.bottleneck_blocks, minimum=0)
-        _require_positive_int("convs_per_block", self.convs_per_block, minimum=2)
+        minimums = dict.fromkeys(("in_channels", "num_labels", "base_features", "depth", "heads", "norm_groups",
+                                  "local_attention_block_size", "local_attention_heads", "image_size"), 1)
+        minimums.update(bottleneck_blocks=0, convs_per_block=2)
+        for name, minimum in minimums.items():
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum))
         if not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         object.__setattr__(self, "local_attention_levels", tuple(self.local_attention_levels))
@@ -99,11 +100,6 @@ class UNetConfig:
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(UNetConfig))
-
-
-def _require_positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 PRESETS: dict[str, UNetConfig] = {

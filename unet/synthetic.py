@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from unet.checks import check_int
 from unet.labels import LABEL_INDEX
 
 _L = LABEL_INDEX
@@ -555,9 +556,7 @@ def background_material(rng):
 
 def render_figure(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One random clothed figure: an RGB image (size, size, 3) uint8 and its labels (size, size) int64."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size: expected a positive int, got {size!r}")
-    canvas = Canvas(int(size))
+    canvas = Canvas(check_int("size", size))
     canvas.add(background_material(rng))
     close_up = rng.random() < 0.3
     canvas.scale = rng.uniform(1.2, 1.9) if close_up else rng.uniform(0.8, 0.98)
