@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from unet.losses import SegmentationLoss
-from unet.model import PRESETS, build_model, local_attention_available
+from unet.model import PRESETS, build_model
 
 MIB = 2**20
 
@@ -32,8 +32,6 @@ def make_step(preset: str, local_attention: bool, device: str):
     batch, cpu_size = CASES[preset]
     overrides = {}
     if local_attention:
-        if not local_attention_available():
-            pytest.skip("localattn.LocalAttention2d is not importable")
         overrides["local_attention_levels"] = tuple(range(PRESETS[preset].depth))
     torch.manual_seed(0)
     model = build_model(preset, **overrides).to(device)

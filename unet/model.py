@@ -208,15 +208,6 @@ class AttentionUNet(nn.Module):
         return SegmentationOutput(self.label_norm(self.label_head(h)), self.boundary_head(h))
 
 
-def local_attention_available() -> bool:
-    """Whether ``localattn.LocalAttention2d`` imports (``local_attention_levels`` needs it)."""
-    try:
-        from localattn import LocalAttention2d  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def to_probabilities(output: SegmentationOutput) -> tuple[torch.Tensor, torch.Tensor]:
     """Label probabilities (softmax over labels) and boundary probability (sigmoid)."""
     return F.softmax(output.label_logits, dim=1), torch.sigmoid(output.boundary_logits)
