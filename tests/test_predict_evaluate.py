@@ -174,12 +174,3 @@ def test_predict_errors(checkpoint, image_folder, tmp_path, capsys):
     assert "argument --alpha: expected a number in [0, 1], got 2" in capsys.readouterr().err
     assert predict.main(["--checkpoint", str(checkpoint), str(image_folder), "--max-size", "-3"]) == 1
     assert "--max-size: expected 0 or a positive number of pixels, got -3" in capsys.readouterr().err
-
-
-def test_pad_to_multiple_replicates_the_edge():
-    images = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).reshape(2, 3, 5, 6)
-    padded = predict.pad_to_multiple(images, 4)
-    assert padded.shape == (2, 3, 8, 8)
-    expected = np.pad(images.numpy(), ((0, 0), (0, 0), (0, 3), (0, 2)), mode="edge")
-    assert np.array_equal(padded.numpy(), expected)
-    assert predict.pad_to_multiple(images[..., :4, :4], 4).shape == (2, 3, 4, 4)

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
 from unet.checks import check_int
+from unet.inference import resize
 from unet.labels import LABEL_INDEX, LABELS, NUM_LABELS
+from unet.postprocess import boundary_from_labels
 from unet.synthetic import render_figure
 
 __all__ = [
@@ -38,7 +39,7 @@ __all__ = [
     "split_indices",
 ]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "all")
 SCALE_RANGE = (0.75, 1.25)
 _LABEL_MODES = ("L", "P", "I", "I;16")
@@ -46,10 +47,6 @@ _REPORTED_NAMES = 5
 
 
 def make_item(image: torch.Tensor, labels: torch.Tensor, name: str) -> dict:
-    # Imported on first use: unet.postprocess needs the compiled extension, and rendering or
-    # loading data without one (previews, data checks) should still work.
-    from unet.postprocess import boundary_from_labels
-
     boundary = boundary_from_labels(labels).to(torch.float32)[None]
     return {"image": image.contiguous(), "labels": labels.contiguous(), "boundary": boundary, "name": name}
 
@@ -65,13 +62,6 @@ def resize_labels(labels: torch.Tensor, height: int, width: int) -> torch.Tensor
     rows = (2 * torch.arange(height) + 1) * labels.shape[0] // (2 * height)
     cols = (2 * torch.arange(width) + 1) * labels.shape[1] // (2 * width)
     return labels[rows][:, cols]
-
-
-def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    if image.shape[-2:] == (height, width):
-        return image
-    resized = F.interpolate(image[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].clamp_(0, 1)
 
 
 def border_colour(image: torch.Tensor) -> torch.Tensor:
@@ -116,7 +106,8 @@ def fit_pair(image, labels, size: int, augment: bool):
         low, high = SCALE_RANGE
         scaled = max(1, round(size * (low + (high - low) * torch.rand(()).item())))
     fill = border_colour(image)
-    image, labels = resize_image(image, scaled, scaled), resize_labels(labels, scaled, scaled)
+    # clamp: a rounding error may take a resized pixel just outside [0, 1]
+    image, labels = resize(image, scaled, scaled).clamp(0, 1), resize_labels(labels, scaled, scaled)
     if scaled == size:
         return image, labels
     spare = scaled - size

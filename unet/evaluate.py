@@ -17,38 +17,15 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from unet.checkpoint import load_model
-from unet.distributed import resolve_device
-from unet.labels import LABELS, NUM_LABELS
 from unet.cli import AMP_DTYPES, non_negative_int, positive_int
-from unet.predict import POSTPROCESS_METHODS, label_map, predict_probabilities
+from unet.data import build_datasets
+from unet.distributed import resolve_device
+from unet.inference import POSTPROCESS_METHODS, confusion_matrices
+from unet.labels import LABELS
 
 PER_LABEL_FIELDS = ("intersection", "union", "iou", "predicted_mass", "true_mass")
-
-
-@torch.no_grad()
-def confusion_matrices(model, loader, device, *, methods=("argmax",), amp="none", channels_last=False, progress=True):
-    """Score `model` on `loader`, one `ConfusionMatrix` per post-processing method.
-
-    Only the data this process sees is counted; reduce across processes with ``.all_reduce()``.
-    """
-    from unet.metrics import ConfusionMatrix
-
-    was_training = model.training
-    model.eval()
-    matrices = {method: ConfusionMatrix(NUM_LABELS, device=device) for method in methods}
-    for batch in tqdm(loader, desc="eval", unit="batch", leave=False, dynamic_ncols=True, disable=not progress):
-        images, target = batch["image"].to(device), batch["labels"].to(device)
-        probs, boundary = predict_probabilities(model, images, amp=amp, channels_last=channels_last)
-        for method, matrix in matrices.items():
-            if method == "argmax":  # no need for a round trip through the CPU post-processing
-                matrix.update(probs.argmax(1), target)
-            else:
-                matrix.update(label_map(method, probs, boundary).to(device), target)
-    model.train(was_training)
-    return matrices
 
 
 def summary(matrix) -> dict:
@@ -121,8 +98,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unet.data import build_datasets
-
     parser = get_args_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)

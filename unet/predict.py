@@ -27,62 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 from unet.checkpoint import load_model
-from unet.cli import AMP_DTYPES, autocast, number_type, positive_int
+from unet.cli import AMP_DTYPES, number_type, positive_int
+from unet.data import IMAGE_SUFFIXES, load_image
 from unet.distributed import resolve_device
+from unet.inference import POSTPROCESS_METHODS, predict_images
 from unet.labels import PALETTE
-
-POSTPROCESS_METHODS = ("argmax", "dust_fill")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad (B,C,H,W) at the bottom/right, replicating the edge, so H and W divide by `multiple`."""
-    height, width = images.shape[-2:]
-    pad_h, pad_w = -height % multiple, -width % multiple
-    if pad_h == 0 and pad_w == 0:
-        return images
-    return F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
-
-
-@torch.no_grad()
-def predict_probabilities(model, images: torch.Tensor, *, amp: str = "none", channels_last: bool = False):
-    """Label probabilities (B,L,H,W) and boundary probability (B,1,H,W), float32, at the input size."""
-    from unet.model import to_probabilities
-
-    height, width = images.shape[-2:]
-    padded = pad_to_multiple(images, model.input_multiple)
-    if channels_last:
-        padded = padded.contiguous(memory_format=torch.channels_last)
-    with autocast(images.device, amp):
-        output = model(padded)
-    probs, boundary = to_probabilities(output)
-    return probs[..., :height, :width].float(), boundary[..., :height, :width].float()
-
-
-def label_map(method: str, probs: torch.Tensor, boundary: torch.Tensor, *, return_regions: bool = False):
-    """Labels (B,H,W) int64 from probabilities: plain argmax, or the paper's segment + DUST_FILL.
-
-    With `return_regions`, also the int32 region map (-1 where unassigned) of the boundary segmentation.
-    """
-    from unet import postprocess
-
-    if method not in POSTPROCESS_METHODS:
-        raise ValueError(f"postprocess: expected one of {POSTPROCESS_METHODS}, got {method!r}")
-    probs, boundary = probs.cpu(), boundary.cpu()
-    if method == "dust_fill":
-        return postprocess.postprocess(probs, boundary, return_regions=return_regions)
-    labels = postprocess.argmax_labels(probs)
-    if not return_regions:
-        return labels
-    # The same boundary segmentation `postprocess` does, without the label vote.
-    closed = postprocess.close_gaps(boundary[:, 0] >= postprocess.BOUNDARY_THRESHOLD)
-    regions, _ = postprocess.segment(closed)
-    return labels, regions
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -137,8 +90,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _load_batch(paths: list[Path], failures: list[str]) -> tuple[list[str], list[torch.Tensor]]:
-    from unet.data import load_image
-
     names, images = [], []
     for path in paths:
         try:
@@ -147,39 +98,6 @@ def _load_batch(paths: list[Path], failures: list[str]) -> tuple[list[str], list
         except (OSError, ValueError) as error:
             failures.append(f"{path}: {error}")
     return names, images
-
-
-def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear resize of (..., C, H, W), antialiased when shrinking."""
-    if image.shape[-2:] == (height, width):
-        return image
-    batch = image.reshape(-1, *image.shape[-3:])
-    resized = F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    return resized.reshape(*image.shape[:-2], height, width)
-
-
-def predict_images(model, images: list[torch.Tensor], device, *, method: str, amp: str = "none", max_size: int = 0):
-    """(labels, regions) for each image, at its own size.
-
-    With `max_size`, an image whose longest side differs is first resized to that side (the scale
-    the network was trained at); the probabilities are resized back before post-processing.
-    Only images of one shape share a forward pass: padding an image up to a larger neighbour
-    would change what the global attention of the bottleneck sees.
-    """
-    by_shape: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        by_shape.setdefault(tuple(image.shape), []).append(i)
-    results = [None] * len(images)
-    for (_, height, width), indices in by_shape.items():
-        scale = max_size / max(height, width) if max_size else 1.0
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        batch = resize(torch.stack([images[i] for i in indices]).to(device), *size)
-        probs, boundary = predict_probabilities(model, batch, amp=amp)
-        probs, boundary = resize(probs, height, width), resize(boundary, height, width)
-        labels, regions = label_map(method, probs, boundary, return_regions=True)
-        for j, i in enumerate(indices):
-            results[i] = (labels[j], regions[j])
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ from unet import distributed
 from unet.checkpoint import (
     BEST_NAME, LAST_NAME, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state,
 )
-from unet.evaluate import confusion_matrices
+from unet.inference import confusion_matrices
 from unet.labels import LABELS
 from unet.cli import AMP_DTYPES, autocast, non_negative_int, number_type, positive_int
 

@@ -1,0 +1,129 @@
+"""From images to probabilities, label maps and scores: the one inference path.
+
+`unet.train` (validation), `unet.predict` and `unet.evaluate` all call these functions and none of
+them imports another; an application embedding the model calls them too.
+
+* `pad_to_multiple`, `resize`: the geometry around the network (any image size in, same size out);
+* `predict_probabilities`: label probabilities (B, L, H, W) and boundary probability (B, 1, H, W);
+* `label_map`: one label per pixel, by ``"argmax"`` or by the paper's post-processing
+  (``"dust_fill"``), optionally with the region map of the boundary segmentation;
+* `predict_images`: all of the above for a list of images of any sizes;
+* `confusion_matrices`: a model scored on a data loader, one `ConfusionMatrix` per method.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from unet import postprocess
+from unet.cli import autocast
+from unet.labels import NUM_LABELS
+from unet.metrics import ConfusionMatrix
+from unet.model import to_probabilities
+
+POSTPROCESS_METHODS = ("argmax", "dust_fill")
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad (B,C,H,W) at the bottom/right, replicating the edge, so H and W divide by `multiple`."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h == 0 and pad_w == 0:
+        return images
+    return F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+
+
+def resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize of (..., C, H, W) images or probability maps, antialiased when shrinking.
+
+    The weights are non-negative and sum to 1, so values stay within the input's range (up to rounding).
+    """
+    if images.shape[-2:] == (height, width):
+        return images
+    batch = images.reshape(-1, *images.shape[-3:])
+    resized = F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return resized.reshape(*images.shape[:-2], height, width)
+
+
+@torch.no_grad()
+def predict_probabilities(model, images: torch.Tensor, *, amp: str = "none", channels_last: bool = False):
+    """Label probabilities (B,L,H,W) and boundary probability (B,1,H,W), float32, at the input size."""
+    height, width = images.shape[-2:]
+    padded = pad_to_multiple(images, model.input_multiple)
+    if channels_last:
+        padded = padded.contiguous(memory_format=torch.channels_last)
+    with autocast(images.device, amp):
+        output = model(padded)
+    probs, boundary = to_probabilities(output)
+    return probs[..., :height, :width].float(), boundary[..., :height, :width].float()
+
+
+def label_map(method: str, probs: torch.Tensor, boundary: torch.Tensor, *, return_regions: bool = False):
+    """Labels (B,H,W) int64 on the CPU from probabilities: plain argmax, or the paper's segment + DUST_FILL.
+
+    With `return_regions`, also the int32 region map (-1 where unassigned) of the boundary
+    segmentation; both methods return the same regions.
+    """
+    if method not in POSTPROCESS_METHODS:
+        raise ValueError(f"postprocess: expected one of {POSTPROCESS_METHODS}, got {method!r}")
+    probs, boundary = probs.cpu(), boundary.cpu()
+    if method == "dust_fill":
+        return postprocess.postprocess(probs, boundary, return_regions=return_regions)
+    labels = postprocess.argmax_labels(probs)
+    if not return_regions:
+        return labels
+    return labels, boundary_regions(probs, boundary)
+
+
+def boundary_regions(probs: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor:
+    """The region map (int32, -1 unassigned) that the paper's post-processing segments `boundary` into."""
+    # The C++ chain computes its label vote too; only its regions are kept.
+    _, regions = postprocess.postprocess(probs, boundary, return_regions=True)
+    return regions
+
+
+def predict_images(model, images: list[torch.Tensor], device, *, method: str, amp: str = "none", max_size: int = 0):
+    """(labels, regions) for each (3, H, W) image, at its own size, on the CPU.
+
+    With `max_size`, an image whose longest side differs is first resized to that side (the scale
+    the network was trained at); the probabilities are resized back before post-processing.
+    Only images of one shape share a forward pass: padding an image up to a larger neighbour
+    would change what the global attention of the bottleneck sees.
+    """
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(tuple(image.shape), []).append(i)
+    results = [None] * len(images)
+    for (_, height, width), indices in by_shape.items():
+        scale = max_size / max(height, width) if max_size else 1.0
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        batch = resize(torch.stack([images[i] for i in indices]).to(device), *size)
+        probs, boundary = predict_probabilities(model, batch, amp=amp)
+        probs, boundary = resize(probs, height, width), resize(boundary, height, width)
+        labels, regions = label_map(method, probs, boundary, return_regions=True)
+        for j, i in enumerate(indices):
+            results[i] = (labels[j], regions[j])
+    return results
+
+
+@torch.no_grad()
+def confusion_matrices(model, loader, device, *, methods=("argmax",), amp="none", channels_last=False, progress=True):
+    """Score `model` on `loader` (batches of "image" and "labels"), one `ConfusionMatrix` per method.
+
+    Only the data this process sees is counted; reduce across processes with ``.all_reduce()``.
+    """
+    was_training = model.training
+    model.eval()
+    matrices = {method: ConfusionMatrix(NUM_LABELS, device=device) for method in methods}
+    for batch in tqdm(loader, desc="eval", unit="batch", leave=False, dynamic_ncols=True, disable=not progress):
+        images, target = batch["image"].to(device), batch["labels"].to(device)
+        probs, boundary = predict_probabilities(model, images, amp=amp, channels_last=channels_last)
+        for method, matrix in matrices.items():
+            if method == "argmax":  # no need for a round trip through the CPU post-processing
+                matrix.update(probs.argmax(1), target)
+            else:
+                matrix.update(label_map(method, probs, boundary).to(device), target)
+    model.train(was_training)
+    return matrices
