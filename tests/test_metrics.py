@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unet.labels import LABELS
-from unet.metrics import ConfusionMatrix
+from unet.metrics import ConfusionMatrix, format_table
 
 
 def hand_example():
@@ -100,6 +100,24 @@ def test_table_and_dict():
     assert summary["iou"][16] == 0.5 and summary["iou"][1] is None
     assert summary["mean_iou"] == pytest.approx(0.5)
     assert summary["matrix"][15][16] == 1
+
+
+def test_format_table_puts_methods_side_by_side():
+    argmax, dust_fill = ConfusionMatrix(), ConfusionMatrix()
+    argmax.update(torch.tensor([[0, 16, 16]]), torch.tensor([[0, 16, 15]]))
+    dust_fill.update(torch.tensor([[0, 16, 15, 15]]), torch.tensor([[0, 16, 15, 15]]))
+    lines = format_table({"argmax": argmax, "dust_fill": dust_fill}).splitlines()
+    assert "argmax IoU" in lines[0] and "dust_fill IoU" in lines[0] and lines[0].count("|") == 1
+    assert len(lines) == 2 + 24 + 2
+    ring = next(line for line in lines if line.startswith("ring"))
+    left, right = (part.split() for part in ring.split("|"))
+    assert left[1:4] == ["1", "2", "0.5000"] and right[:3] == ["1", "1", "1.0000"]
+    assert right[3:] == ["25.00%", "25.00%"]  # predicted and true mass
+    assert lines[-2] == "pixel accuracy: 0.6667 (argmax), 1.0000 (dust_fill)"
+    assert lines[-1] == "mean IoU (labels present in the target): 0.5000 (argmax), 1.0000 (dust_fill)"
+    assert format_table({"": argmax}) == argmax.table()
+    with pytest.raises(ValueError, match=r"same num_labels, got sizes \[3, 24\]"):
+        format_table({"a": argmax, "b": ConfusionMatrix(3)})
 
 
 def test_reset_and_empty():

@@ -24,6 +24,7 @@ from unet.data import build_datasets
 from unet.distributed import resolve_device
 from unet.inference import POSTPROCESS_METHODS, confusion_matrices
 from unet.labels import LABELS
+from unet.metrics import format_table
 
 PER_LABEL_FIELDS = ("intersection", "union", "iou", "predicted_mass", "true_mass")
 
@@ -36,28 +37,6 @@ def summary(matrix) -> dict:
         "pixel_accuracy": float(matrix.pixel_accuracy()),
         "mean_iou": float(matrix.mean_iou()),
     }
-
-
-def format_table(results: dict[str, dict]) -> str:
-    """Per-label rows with each method's IoU, intersection, union and masses side by side."""
-    methods = list(results)
-    header = f"{'label':<14}" + "".join(
-        f" | {m + ' IoU':>15} {'inter':>10} {'union':>10} {'pred mass':>10} {'true mass':>10}" for m in methods
-    )
-    lines = [header, "-" * len(header)]
-    for name in LABELS:
-        row = f"{name:<14}"
-        for method in methods:
-            r = results[method]["labels"][name]
-            row += (
-                f" | {r['iou']:>15.4f} {r['intersection']:>10d} {r['union']:>10d}"
-                f" {r['predicted_mass']:>10.2%} {r['true_mass']:>10.2%}"
-            )
-        lines.append(row)
-    lines.append("-" * len(header))
-    for key, title in (("pixel_accuracy", "pixel acc"), ("mean_iou", "mean IoU")):
-        lines.append(f"{title:<14}" + "".join(f" | {results[m][key]:>15.4f}{'':>44}" for m in methods).rstrip())
-    return "\n".join(lines)
 
 
 def write_results(results: dict[str, dict], output_dir: Path) -> tuple[Path, Path]:
@@ -119,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     matrices = confusion_matrices(model, loader, device, methods=args.methods, amp=args.amp)
     results = {method: summary(matrix) for method, matrix in matrices.items()}
     print(f"{args.split} split of {data_config.get('data')!r}: {len(dataset)} images")
-    print(format_table(results))
+    print(format_table(matrices))
     output_dir = Path(args.output) if args.output else Path(args.checkpoint).parent
     csv_path, json_path = write_results(results, output_dir)
     print(f"wrote {csv_path} and {json_path}")

@@ -9,7 +9,7 @@ upstream and raise ``ValueError``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -109,17 +109,7 @@ class ConfusionMatrix:
 
     def table(self, label_names: Sequence[str] | None = None) -> str:
         """A printable per-label table, then pixel accuracy and mean IoU (names default to LABELS)."""
-        label_names = self.label_names(label_names)
-        width = max(12, *(len(name) for name in label_names))
-        header = f"{'label':<{width}} {'intersection':>12} {'union':>12} {'IoU':>7} {'pred mass':>9} {'true mass':>9}"
-        rows = [header, "-" * len(header)]
-        columns = zip(label_names, self.intersection().tolist(), self.union().tolist(), self.iou().tolist(),
-                      self.predicted_mass().tolist(), self.true_mass().tolist())
-        for name, inter, union, iou, pred_mass, true_mass in columns:
-            rows.append(f"{name:<{width}} {inter:>12d} {union:>12d} {iou:>7.4f} {pred_mass:>9.2%} {true_mass:>9.2%}")
-        rows.append(f"pixel accuracy: {self.pixel_accuracy():.4f}")
-        rows.append(f"mean IoU (labels present in the target): {self.mean_iou():.4f}")
-        return "\n".join(rows)
+        return format_table({"": self}, label_names)
 
     def as_dict(self, label_names: Sequence[str] | None = None) -> dict[str, Any]:
         """JSON-able summary; NaN becomes None."""
@@ -134,6 +124,43 @@ class ConfusionMatrix:
             "pixel_accuracy": _json_float(self.pixel_accuracy()),
             "mean_iou": _json_float(self.mean_iou()),
         }
+
+
+def format_table(matrices: Mapping[str, ConfusionMatrix], label_names: Sequence[str] | None = None) -> str:
+    """Per-label intersection, union, IoU, predicted and true mass of one or more matrices side by side.
+
+    `matrices` maps a method name to its matrix: one column group each, separated by ``|`` (an
+    empty name gives plain column titles); pixel accuracy and mean IoU follow, in the same order.
+    """
+    sizes = {matrix.num_labels for matrix in matrices.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"matrices: expected one or more with the same num_labels, got sizes {sorted(sizes)}")
+    label_names = next(iter(matrices.values())).label_names(label_names)
+    width = max(12, *(len(name) for name in label_names))
+    iou_titles = {method: f"{method} IoU".strip() for method in matrices}
+    iou_widths = {method: max(7, len(title)) for method, title in iou_titles.items()}
+
+    def row(first_cell: str, groups: list[str]) -> str:
+        return f"{first_cell:<{width}} " + " | ".join(groups)
+
+    header = row("label", [f"{'intersection':>12} {'union':>12} {iou_titles[method]:>{iou_widths[method]}} "
+                           f"{'pred mass':>9} {'true mass':>9}" for method in matrices])
+    columns = {method: list(zip(m.intersection().tolist(), m.union().tolist(), m.iou().tolist(),
+                                m.predicted_mass().tolist(), m.true_mass().tolist()))
+               for method, m in matrices.items()}
+    lines = [header, "-" * len(header)]
+    for i, label in enumerate(label_names):
+        groups = []
+        for method, values in columns.items():
+            inter, union, iou, pred_mass, true_mass = values[i]
+            iou_width = iou_widths[method]
+            groups.append(f"{inter:>12d} {union:>12d} {iou:>{iou_width}.4f} {pred_mass:>9.2%} {true_mass:>9.2%}")
+        lines.append(row(label, groups))
+    for title, value in (("pixel accuracy", ConfusionMatrix.pixel_accuracy),
+                         ("mean IoU (labels present in the target)", ConfusionMatrix.mean_iou)):
+        lines.append(f"{title}: " + ", ".join(
+            f"{value(m):.4f}" + (f" ({method})" if method else "") for method, m in matrices.items()))
+    return "\n".join(lines)
 
 
 def _json_float(value: float) -> float | None:
