@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from unet import train
-from unet.checkpoint import load_checkpoint, save_checkpoint
+from unet import distributed, train
+from unet.checkpoint import FORMAT_VERSION, Checkpoint, load_checkpoint, load_training_checkpoint, save_checkpoint
 from unet.distributed import EpochSampler
 from unet.losses import SegmentationLoss
 
@@ -275,6 +275,83 @@ def test_sigterm_to_the_process_group_with_data_workers_still_writes_a_checkpoin
     stopped = run(tiny_flags(tmp_path, "--workers", "1", "--checkpoint-every", "100"))
     assert stopped.exit_code == 128 + signal.SIGTERM and stopped.global_step == 2
     assert load_checkpoint(tmp_path / "last.pt")["step_in_epoch"] == 2
+
+# ----------------------------------------------------------------------------- the trainer and its checkpoints
+
+
+def make_trainer(output, *flags):
+    """A Trainer and its training loader built as a run builds them (fresh weights from --seed)."""
+    args = train.parse_args(tiny_flags(output, *flags))
+    info = distributed.setup("cpu")
+    data_config = train.data_config_from_args(args)
+    model = train.build_run_model(args, None, info.device)
+    loader, _ = train.build_loaders(args, data_config, info)
+    return train.Trainer(model, args, info, data_config, steps_per_epoch=len(loader)), loader
+
+
+def one_step(trainer, batch):
+    loss, _ = trainer.backward(batch, group_size=1, sync=True)
+    trainer.optimizer_step(loss)
+    return loss
+
+
+def assert_same_state(a, b, where="state"):
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_trainer_state_round_trips_through_a_checkpoint_file_and_continues_identically(tmp_path):
+    trainer, loader = make_trainer(tmp_path, "--no-augment")
+    first, second = list(loader)[:2]
+    one_step(trainer, first)
+    state = trainer.state_dict()
+    assert state["format_version"] == FORMAT_VERSION
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 1, 1)
+    assert len(state["rng"]) == 1 and state["optimizer"]["state"]  # AdamW moments after one step
+    save_checkpoint(state, tmp_path / "state.pt")
+
+    restored, _ = make_trainer(tmp_path, "--no-augment")  # fresh weights, no optimizer state
+    assert not torch.equal(restored.model.label_head.weight, trainer.model.label_head.weight)
+    restored.load_state_dict(load_training_checkpoint(tmp_path / "state.pt"))
+    assert_same_state(restored.state_dict(), state)
+    assert one_step(restored, second) == one_step(trainer, second)
+    assert_same_state(restored.model.state_dict(), trainer.model.state_dict())
+
+
+def test_checkpoints_of_the_first_format_still_resume(straight_run, tmp_path):
+    """Files written before "format_version" existed hold the same fields."""
+    result, _, kept = straight_run
+    state = load_checkpoint(kept / "step4.pt")
+    del state["format_version"]
+    save_checkpoint(state, tmp_path / "last.pt")
+    resumed = run(tiny_flags(tmp_path, "--resume", "auto"))
+    assert resumed.losses == result.losses[4:]
+    assert_same_params(params(resumed.model), params(result.model))
+
+
+def test_checkpoint_format_errors_name_the_file_and_the_version(tmp_path, capsys):
+    model_only = {"model": {}, "model_config": {}}
+    save_checkpoint(model_only, tmp_path / "weights.pt")
+    assert train.main(tiny_flags(tmp_path, "--resume", str(tmp_path / "weights.pt"))) == 1
+    err = capsys.readouterr().err
+    assert "weights.pt" in err and "(checkpoint format version 1) lacks ['data_config', 'args'," in err
+    save_checkpoint({**model_only, "format_version": FORMAT_VERSION + 1}, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match=f"future.pt' has checkpoint format version {FORMAT_VERSION + 1}; "
+                                         f"this unet reads versions 1 to {FORMAT_VERSION}"):
+        load_training_checkpoint(tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="format version 1"):
+        Checkpoint.from_dict(model_only)
 
 
 # ----------------------------------------------------------------------------- DDP

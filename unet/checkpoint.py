@@ -1,25 +1,70 @@
-"""Checkpoints: written atomically, read back with a clear error, and turned back into a model.
+"""Checkpoints: their format, written atomically, read back with a clear error, turned back into a model.
 
-A checkpoint is a plain dict saved with `torch.save`. It always holds ``"model"`` (the state dict)
-and ``"model_config"`` (``UNetConfig.to_dict()``), so `load_model` can rebuild the network without
-knowing how it was trained; the trainer adds optimizer, scheduler, scaler, progress, RNG states and
-the data config so that ``--resume`` continues exactly.
+A checkpoint is a plain dict saved with `torch.save`: the fields of `Checkpoint` plus
+``"format_version"``. `load_model` needs only ``"model"`` and ``"model_config"``, so it rebuilds the
+network without knowing how it was trained; ``--resume`` needs every field to continue exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-REQUIRED_KEYS = ("model", "model_config")
+from unet.model import AttentionUNet, UNetConfig
+
+# 1: the fields of `Checkpoint`, without "format_version" (files written before it was added).
+# 2: the same fields, and "format_version".
+FORMAT_VERSION = 2
+MODEL_KEYS = ("model", "model_config")
 LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
+
+
+@dataclass
+class Checkpoint:
+    """Everything a training checkpoint holds: the whole format, version `FORMAT_VERSION`.
+
+    Every value is a tensor or a built-in type, so ``torch.load(weights_only=True)`` reads it back.
+    """
+
+    model: dict[str, torch.Tensor]  # the network's state dict
+    model_config: dict[str, Any]  # UNetConfig.to_dict()
+    data_config: dict[str, Any]  # the keyword arguments of unet.data.build_datasets
+    args: dict[str, Any]  # the training flags, vars(argparse.Namespace)
+    optimizer: dict[str, Any]  # state dicts of the optimizer, learning-rate scheduler and gradient scaler
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    epoch: int  # epochs finished
+    step_in_epoch: int  # optimizer steps done in the epoch under way (0 at an epoch end)
+    global_step: int  # optimizer steps done in all
+    best_miou: float  # the best validation mean IoU so far (-1 before the first evaluation)
+    rng: list[dict[str, Any]]  # `rng_state()` of each process, by rank
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {"format_version": FORMAT_VERSION, **fields}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], source: str = "checkpoint") -> "Checkpoint":
+        """Read what `to_dict` wrote, of this or an earlier format version; `source` names it in errors."""
+        version = state.get("format_version", 1)
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(f"{source} has checkpoint format version {version!r}; this unet reads versions "
+                             f"1 to {FORMAT_VERSION}: update unet to resume from it")
+        names = [field.name for field in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in state]
+        if missing:
+            raise ValueError(f"{source} (checkpoint format version {version}) lacks {missing}, "
+                             f"which resuming a training run needs; expected a file written by unet.train")
+        return cls(**{name: state[name] for name in names})
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -52,9 +97,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise ValueError(f"checkpoint: {str(path)!r} is not a readable checkpoint ({error})") from error
-    missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+    missing = [key for key in MODEL_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise ValueError(f"checkpoint: {str(path)!r} lacks {missing}; expected a file written by unet.train")
+    return state
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint to resume from: `load_checkpoint`, and every field of `Checkpoint` present."""
+    state = load_checkpoint(path)
+    Checkpoint.from_dict(state, source=repr(str(path)))
     return state
 
 
@@ -73,8 +125,6 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the network stored in a checkpoint, in eval mode on `device`; returns (model, state)."""
-    from unet.model import AttentionUNet, UNetConfig
-
     state = load_checkpoint(path)
     model = AttentionUNet(UNetConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])

@@ -30,6 +30,8 @@ def number_type(kind, minimum, inclusive: bool, what: str, maximum=None):
 
 positive_int = number_type(int, 1, True, "a positive integer")
 non_negative_int = number_type(int, 0, True, "an integer >= 0")
+positive_float = number_type(float, 0.0, False, "a positive number")
+non_negative_float = number_type(float, 0.0, True, "a number >= 0")
 
 
 def autocast(device: torch.device, amp: str):

@@ -76,9 +76,13 @@ def any_true(flag: bool, info: DistInfo) -> bool:
     return not all_true(not flag, info)
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
+def all_gather_object(obj, info: DistInfo) -> list:
+    """`obj` from every process, by rank (a list of one without torchrun)."""
+    if not info.enabled:
+        return [obj]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):

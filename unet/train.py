@@ -4,31 +4,30 @@
     python -m unet.train --preset small --data /data/DeepFashion-MultiModal --amp bf16
     torchrun --nproc_per_node 8 -m unet.train --preset paper --batch-size 4 --resume auto
 
-One plain loop: AdamW (no weight decay on norms, biases and other 1-d parameters), linear warmup
-then cosine decay per optimizer step, gradient accumulation and clipping, optional AMP,
-channels-last, torch.compile and gradient checkpointing. Each epoch ends with an evaluation whose
-per-label IoU table is printed. Logs go to ``<output>/train.csv``, ``<output>/eval.csv`` and
-TensorBoard (``<output>/tb``). ``<output>/last.pt`` is written atomically every
+One plain loop (`train_one_epoch`, then an evaluation) over a `Trainer`, which owns the training
+state: AdamW (no weight decay on norms, biases and other 1-d parameters), linear warmup then cosine
+decay per optimizer step, gradient accumulation and clipping, optional AMP, channels-last,
+torch.compile and gradient checkpointing. Each epoch ends with an evaluation whose per-label IoU
+table is printed. Logs go to ``<output>/train.csv``, ``<output>/eval.csv`` and TensorBoard
+(``<output>/tb``; `unet.run_log`). ``<output>/last.pt`` is written atomically every
 ``--checkpoint-every`` optimizer steps, at the end of each epoch and on SIGINT/SIGTERM;
-``<output>/best.pt`` holds the best mean IoU so far. ``--resume auto`` continues from ``last.pt``
-exactly where the interrupted run stood (same batches, same RNG states, same losses).
+``<output>/best.pt`` holds the best mean IoU so far (format: `unet.checkpoint.Checkpoint`).
+``--resume auto`` continues from ``last.pt`` exactly where the interrupted run stood (same
+batches, same RNG states, same losses).
 
 Under torchrun every process trains on its shard (DistributedDataParallel), the confusion matrices
 are summed across processes, and only rank 0 prints, logs and writes checkpoints.
 """
-
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import math
 import os
 import random
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,11 +38,18 @@ from tqdm import tqdm
 
 from unet import distributed
 from unet.checkpoint import (
-    BEST_NAME, LAST_NAME, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state,
+    BEST_NAME, LAST_NAME, Checkpoint, load_training_checkpoint, resolve_resume, rng_state, save_checkpoint,
+    set_rng_state,
 )
+from unet.cli import (
+    AMP_DTYPES, autocast, non_negative_float, non_negative_int, number_type, positive_float, positive_int,
+)
+from unet.data import build_datasets
 from unet.inference import confusion_matrices
-from unet.labels import LABELS
-from unet.cli import AMP_DTYPES, autocast, non_negative_int, number_type, positive_int
+from unet.losses import SegmentationLoss
+from unet.metrics import ConfusionMatrix
+from unet.model import PRESETS, AttentionUNet, UNetConfig, build_model
+from unet.run_log import RunLog
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,10 +57,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- flags
-
-
-positive_float = number_type(float, 0.0, False, "a positive number")
-non_negative_float = number_type(float, 0.0, True, "a number >= 0")
 
 
 def level_list(text: str) -> tuple[int, ...]:
@@ -68,8 +70,6 @@ def level_list(text: str) -> tuple[int, ...]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from unet.model import PRESETS
-
     parser = argparse.ArgumentParser(prog="python -m unet.train", description="Train the attention UNet",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     data = parser.add_argument_group("data")
@@ -198,73 +198,6 @@ class StopSignal:
         self.received = signum
 
 
-class CsvLog:
-    """Rows appended to a CSV file; on resume, rows past the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, fields: list[str], resume_step: int | None) -> None:
-        self.path, self.fields = path, fields
-        rows = []
-        if resume_step is not None and path.is_file():
-            with path.open(newline="") as f:
-                rows = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fields)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def write(self, row: dict) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.fields).writerow(row)
-
-
-class RunLog:
-    """The run's CSV files, and TensorBoard when it imports (only rank 0 keeps one)."""
-
-    def __init__(self, output: Path, resume_step: int | None) -> None:
-        self.train = CsvLog(output / "train.csv", ["step", "epoch", "lr", "loss"], resume_step)
-        self.eval = CsvLog(output / "eval.csv", ["step", "epoch", "mean_iou", "pixel_accuracy", *LABELS], resume_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            warnings.warn(f"TensorBoard unavailable ({error}); logging to CSV only")
-            self.tensorboard = None
-        else:
-            # purge_step drops the events an interrupted run logged after its last checkpoint.
-            purge_step = None if resume_step is None else resume_step + 1
-            self.tensorboard = SummaryWriter(log_dir=str(output / "tb"), purge_step=purge_step)
-
-    def step(self, step: int, epoch: int, lr: float, loss: float, parts: dict) -> None:
-        self.train.write({"step": step, "epoch": epoch, "lr": lr, "loss": loss})
-        if self.tensorboard is not None:
-            scalars = {"loss": loss, "lr": lr, **{name: float(value) for name, value in parts.items()}}
-            for name, value in scalars.items():
-                self.tensorboard.add_scalar(f"train/{name}", value, step)
-
-    def evaluation(self, step: int, epoch: int, matrix) -> None:
-        miou, accuracy = float(matrix.mean_iou()), float(matrix.pixel_accuracy())
-        self.eval.write({"step": step, "epoch": epoch, "mean_iou": miou, "pixel_accuracy": accuracy,
-                         **dict(zip(LABELS, matrix.iou().tolist()))})
-        if self.tensorboard is not None:
-            self.tensorboard.add_scalar("val/mean_iou", miou, step)
-            self.tensorboard.add_scalar("val/pixel_accuracy", accuracy, step)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-@dataclass
-class TrainResult:
-    model: torch.nn.Module
-    losses: list[float] = field(default_factory=list)  # one per optimizer step of this session
-    metrics: object = None  # the last ConfusionMatrix
-    global_step: int = 0
-    exit_code: int = 0
-
-
-# ----------------------------------------------------------------------------- training
-
-
 def default_threads(workers: int) -> int:
     """The cores of this machine left to one training process once its data workers have theirs.
 
@@ -275,39 +208,36 @@ def default_threads(workers: int) -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - workers)
 
 
-def train(args: argparse.Namespace) -> TrainResult:
-    torch.set_num_threads(args.threads or default_threads(args.workers))
-    info = distributed.setup(args.device)
-    try:
-        return _train(args, info)
-    finally:
-        distributed.cleanup(info)
+# ----------------------------------------------------------------------------- the trainer
 
 
-def _build(args: argparse.Namespace, checkpoint: dict | None, info: distributed.DistInfo):
-    """Data, model, optimizer, scheduler and scaler: from the flags, or as the checkpoint had them."""
-    from unet.data import build_datasets
-    from unet.losses import SegmentationLoss
-    from unet.model import AttentionUNet, UNetConfig, build_model
+def data_config_from_args(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `build_datasets` for a fresh run."""
+    return {
+        "data": args.data, "image_size": args.image_size, "seed": args.seed,
+        "val_fraction": args.val_fraction, "augment": args.augment, "num_synthetic": args.num_images,
+    }
 
-    if checkpoint is not None:
-        data_config = checkpoint["data_config"]
-        model = AttentionUNet(UNetConfig.from_dict(checkpoint["model_config"]))
+
+def build_run_model(args: argparse.Namespace, model_config: dict | None, device: torch.device) -> AttentionUNet:
+    """The network as a checkpoint's config describes it, or a fresh one from the flags."""
+    if model_config is not None:
+        model = AttentionUNet(UNetConfig.from_dict(model_config))
     else:
-        data_config = {
-            "data": args.data, "image_size": args.image_size, "seed": args.seed,
-            "val_fraction": args.val_fraction, "augment": args.augment, "num_synthetic": args.num_images,
-        }
         overrides = {"image_size": args.image_size}
         if args.local_attention_levels is not None:
             overrides["local_attention_levels"] = args.local_attention_levels
         seed_everything(args.seed)  # the same initial weights on every process
         model = build_model(args.preset, **overrides)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    model.to(info.device)
+    model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    return model
 
+
+def build_loaders(args: argparse.Namespace, data_config: dict, info: distributed.DistInfo):
+    """(train, val) loaders: this process's shard of each epoch, and its share of the validation images."""
     train_ds, val_ds = build_datasets(**data_config)
     sampler = distributed.EpochSampler(
         len(train_ds), shuffle=True, seed=args.seed, rank=info.rank, world_size=info.world_size
@@ -319,153 +249,108 @@ def _build(args: argparse.Namespace, checkpoint: dict | None, info: distributed.
     # Evaluation counts every image once: a plain shard per process, no padding.
     val_shard = torch.utils.data.Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=args.batch_size, num_workers=args.workers)
-
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
-    batches_per_epoch = -(-sampler.per_rank() // args.batch_size)
-    steps_per_epoch = -(-batches_per_epoch // args.accum_steps)
-    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, args.epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp == "fp16")
-    criterion = SegmentationLoss().to(info.device)
-    return data_config, model, train_loader, val_loader, optimizer, scheduler, scaler, criterion, steps_per_epoch
+    return train_loader, val_loader
 
 
-def _train(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
-    output = Path(args.output)
-    resume_path = resolve_resume(args.resume, output)
-    # On the CPU: RNG states must stay there; load_state_dict moves the rest to the parameters' device.
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
-    (data_config, model, train_loader, val_loader, optimizer, scheduler, scaler, criterion,
-     steps_per_epoch) = _build(args, checkpoint, info)
+class Trainer:
+    """One process's training state, and the steps that change it.
 
-    epoch, step_in_epoch, global_step, best_miou = 0, 0, 0, -1.0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        epoch, step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
-        global_step, best_miou = checkpoint["global_step"], checkpoint["best_miou"]
-        if step_in_epoch:  # mid-epoch: carry on with the RNG streams exactly where they stood
-            set_rng_state(checkpoint["rng"][min(info.rank, len(checkpoint["rng"]) - 1)])
+    Owns the model (and the DDP or compiled wrapper its forward pass goes through), the loss, the
+    AdamW optimizer, the warmup-cosine schedule, the gradient scaler, the progress counters and
+    the best validation mean IoU. `state_dict` gives all of it as a checkpoint
+    (`unet.checkpoint.Checkpoint`) and `load_state_dict` takes it back; the model and the data must
+    have been built from that checkpoint's ``model_config`` and ``data_config``.
+    """
 
-    forward_model = DistributedDataParallel(model) if info.enabled else model
-    if args.compile:
-        forward_model = torch.compile(forward_model)
+    def __init__(self, model: AttentionUNet, args: argparse.Namespace, info: distributed.DistInfo,
+                 data_config: dict, steps_per_epoch: int) -> None:
+        self.model, self.args, self.info, self.data_config = model, args, info, data_config
+        self.output = Path(args.output)
+        self.steps_per_epoch = steps_per_epoch
+        self.criterion = SegmentationLoss().to(info.device)
+        self.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+        warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
+        schedule = warmup_cosine(warmup, args.epochs * steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp == "fp16")
+        forward_model = DistributedDataParallel(model) if info.enabled else model
+        self.forward_model = torch.compile(forward_model) if args.compile else forward_model
+        self.epoch = 0  # epochs finished
+        self.step_in_epoch = 0  # optimizer steps done in the epoch under way
+        self.global_step = 0
+        self.best_miou = -1.0
+        self.step_losses: list[float] = []  # one per optimizer step of this session (not checkpointed)
 
-    log = None
-    if info.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        log = RunLog(output, resume_step=global_step if checkpoint is not None else None)
-        where = f" from {resume_path} (epoch {epoch}, step {global_step})" if checkpoint else ""
-        print(f"training {args.preset if checkpoint is None else 'model'} on {info.device} x{info.world_size}{where}; "
-              f"{len(train_loader.dataset)} training / {len(val_loader.dataset) * info.world_size} validation images, "
-              f"{steps_per_epoch} steps per epoch, output {output}")
+    def state_dict(self) -> dict:
+        """The whole training state as a checkpoint dict, with the RNG states of every process.
 
-    result = TrainResult(model=model, global_step=global_step)
-    amp_context = lambda: autocast(info.device, args.amp)  # noqa: E731 - a fresh context per use
+        Under torchrun every process must call it (it gathers the RNG states).
+        """
+        return Checkpoint(
+            model=self.model.state_dict(), model_config=self.model.config.to_dict(), data_config=self.data_config,
+            args=vars(self.args), optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(), epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+            global_step=self.global_step, best_miou=self.best_miou,
+            rng=distributed.all_gather_object(rng_state(), self.info),
+        ).to_dict()
 
-    def save(name: str, epoch_now: int, step_now: int) -> None:
-        rngs = [rng_state()]
-        if info.enabled:
-            rngs = [None] * info.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
-        if not info.is_main:
-            return
-        state = {
-            "model": model.state_dict(), "model_config": model.config.to_dict(), "data_config": data_config,
-            "args": vars(args), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch_now, "step_in_epoch": step_now,
-            "global_step": result.global_step, "best_miou": best_miou, "rng": rngs,
-        }
-        save_checkpoint(state, output / name)
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output; mid-epoch, the RNG streams too, exactly where they stood."""
+        checkpoint = Checkpoint.from_dict(state)
+        self.model.load_state_dict(checkpoint.model)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.scheduler.load_state_dict(checkpoint.scheduler)
+        self.scaler.load_state_dict(checkpoint.scaler)
+        self.epoch, self.step_in_epoch = checkpoint.epoch, checkpoint.step_in_epoch
+        self.global_step, self.best_miou = checkpoint.global_step, checkpoint.best_miou
+        if self.step_in_epoch:  # at an epoch end, the next epoch reseeds everything anyway
+            set_rng_state(checkpoint.rng[min(self.info.rank, len(checkpoint.rng) - 1)])
 
-    def evaluate_and_log(epoch_now: int) -> float:
-        matrix = confusion_matrices(model, val_loader, info.device, amp=args.amp,
-                                    channels_last=args.channels_last, progress=info.is_main)["argmax"]
-        if info.enabled:
-            matrix.all_reduce()
-        result.metrics = matrix
-        miou = float(matrix.mean_iou())
-        if info.is_main:
-            print(matrix.table(LABELS))
-            print(f"epoch {epoch_now}: mean IoU {miou:.4f}, pixel accuracy {float(matrix.pixel_accuracy()):.4f}")
-            log.evaluation(result.global_step, epoch_now, matrix)
-        return miou
+    def save(self, name: str) -> None:
+        """Write the state to ``<output>/<name>`` (on rank 0; every process must call it)."""
+        state = self.state_dict()
+        if self.info.is_main:
+            save_checkpoint(state, self.output / name)
 
-    with StopSignal() as stop:
-        model.train()
-        while epoch < args.epochs:
-            epoch_seed = args.seed * 7919 + epoch * 104729 + info.rank
-            if step_in_epoch == 0:  # each epoch's random streams depend on (seed, epoch, rank) only
-                seed_everything(epoch_seed)
-            # Worker seeds come from the loader's own generator, so starting an iterator leaves the
-            # global stream (augmentation with --workers 0) as a mid-epoch checkpoint saved it.
-            train_loader.generator.manual_seed(epoch_seed)
-            train_loader.sampler.set_epoch(epoch, start=step_in_epoch * args.accum_steps * args.batch_size)
-            num_batches = len(train_loader)
-            bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       unit="step", dynamic_ncols=True, disable=not info.is_main,
-                       mininterval=0.5 if sys.stderr.isatty() else 30.0)
-            batches = iter(train_loader)
-            for batch_index in range(num_batches):
-                group_start = batch_index - batch_index % args.accum_steps
-                group_size = min(args.accum_steps, num_batches - group_start)
-                last_in_group = batch_index == group_start + group_size - 1
-                images, labels, boundary = _to_device(next(batches), info.device, args.channels_last)
-                accumulate = info.enabled and not last_in_group  # DDP all-reduces only on a group's last batch
-                with forward_model.no_sync() if accumulate else contextlib.nullcontext():
-                    with amp_context():
-                        loss, parts = criterion(forward_model(images), labels, boundary)
-                    if not distributed.all_true(bool(torch.isfinite(loss)), info):
-                        raise NonFiniteLossError(_non_finite_message(loss, parts, epoch, result.global_step, output))
-                    scaler.scale(loss / group_size).backward()
-                if batch_index == group_start:
-                    group_loss = 0.0
-                group_loss += float(loss.detach()) / group_size
-                if not last_in_group:
-                    continue
-                if args.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                result.global_step += 1
-                step_in_epoch += 1
-                result.losses.append(group_loss)
-                bar.update(1)
-                if info.is_main:
-                    lr = optimizer.param_groups[0]["lr"]
-                    bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                    log.step(result.global_step, epoch + 1, lr, group_loss, parts)
-                stopping = distributed.any_true(stop.received is not None, info)
-                if stopping or (args.checkpoint_every and result.global_step % args.checkpoint_every == 0):
-                    save(LAST_NAME, epoch, step_in_epoch)
-                if stopping:
-                    bar.close()
-                    if info.is_main:
-                        print(f"stopped by signal {stop.received}; checkpoint {output / LAST_NAME} "
-                              f"(step {result.global_step}); continue with --resume auto")
-                    result.exit_code = 128 + (stop.received or signal.SIGTERM)
-                    return result
-            bar.close()
-            epoch, step_in_epoch = epoch + 1, 0
-            if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.epochs):
-                miou = evaluate_and_log(epoch)
-                if miou > best_miou:
-                    best_miou = miou
-                    save(BEST_NAME, epoch, 0)
-            save(LAST_NAME, epoch, 0)
+    def backward(self, batch: dict, group_size: int, sync: bool) -> tuple[float, dict]:
+        """Forward and backward of one batch of an accumulation group of `group_size` batches.
 
-    if result.metrics is None:
-        evaluate_and_log(epoch)
-    if info.is_main:
-        print(f"final mean IoU {float(result.metrics.mean_iou()):.4f} after {result.global_step} steps; "
-              f"checkpoints in {output}")
-        log.close()
-    return result
+        Gradients are all-reduced across processes only when `sync` (the group's last batch).
+        Returns the batch's loss and its parts; a non-finite loss on any process stops every one.
+        """
+        images, labels, boundary = _to_device(batch, self.info.device, self.args.channels_last)
+        accumulate = self.info.enabled and not sync
+        with self.forward_model.no_sync() if accumulate else contextlib.nullcontext():
+            with autocast(self.info.device, self.args.amp):
+                loss, parts = self.criterion(self.forward_model(images), labels, boundary)
+            if not distributed.all_true(bool(torch.isfinite(loss)), self.info):
+                raise NonFiniteLossError(self._non_finite_message(loss, parts))
+            self.scaler.scale(loss / group_size).backward()
+        return float(loss.detach()), parts
+
+    def optimizer_step(self, loss: float) -> float:
+        """Clip, step, schedule; `loss` is the accumulation group's. Returns the learning rate it used."""
+        if self.args.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.global_step += 1
+        self.step_in_epoch += 1
+        self.step_losses.append(loss)
+        return self.optimizer.param_groups[0]["lr"]
+
+    def finish_epoch(self) -> None:
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+    def _non_finite_message(self, loss: torch.Tensor, parts: dict) -> str:
+        details = ", ".join(f"{name}={float(value):.4g}" for name, value in parts.items())
+        last = self.output / LAST_NAME
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        return (f"non-finite loss {float(loss.detach())} at epoch {self.epoch + 1}, after step {self.global_step} "
+                f"({details}); stopping, {kept} (not overwritten). Try a lower --lr, --clip-grad, or --amp none.")
 
 
 def _to_device(batch: dict, device: torch.device, channels_last: bool):
@@ -475,12 +360,133 @@ def _to_device(batch: dict, device: torch.device, channels_last: bool):
     return images, batch["labels"].to(device, non_blocking=True), batch["boundary"].to(device, non_blocking=True)
 
 
-def _non_finite_message(loss, parts, epoch, step, output: Path) -> str:
-    details = ", ".join(f"{name}={float(value):.4g}" for name, value in parts.items())
-    last = output / LAST_NAME
-    kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
-    return (f"non-finite loss {float(loss.detach())} at epoch {epoch + 1}, after step {step} ({details}); stopping, "
-            f"{kept} (not overwritten). Try a lower --lr, --clip-grad, or --amp none.")
+def train_one_epoch(trainer: Trainer, loader, log: RunLog | None, stop: StopSignal) -> bool:
+    """Train from `trainer.step_in_epoch` to the end of the epoch; True if a stop signal cut it short.
+
+    Each epoch's random streams depend on (seed, epoch, rank) only, and the sampler skips the
+    batches already done, so an epoch resumed mid-way sees the batches the interrupted one had left.
+    """
+    args, info = trainer.args, trainer.info
+    epoch_seed = args.seed * 7919 + trainer.epoch * 104729 + info.rank
+    if trainer.step_in_epoch == 0:
+        seed_everything(epoch_seed)
+    # Worker seeds come from the loader's own generator, so starting an iterator leaves the
+    # global stream (augmentation with --workers 0) as a mid-epoch checkpoint saved it.
+    loader.generator.manual_seed(epoch_seed)
+    loader.sampler.set_epoch(trainer.epoch, start=trainer.step_in_epoch * args.accum_steps * args.batch_size)
+    num_batches = len(loader)
+    group_loss = 0.0
+    bar = tqdm(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch, unit="step",
+               desc=f"epoch {trainer.epoch + 1}/{args.epochs}", dynamic_ncols=True, disable=not info.is_main,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    with bar:
+        for batch_index, batch in enumerate(loader):
+            group_start = batch_index - batch_index % args.accum_steps
+            group_size = min(args.accum_steps, num_batches - group_start)
+            last_in_group = batch_index == group_start + group_size - 1
+            loss, parts = trainer.backward(batch, group_size, sync=last_in_group)
+            group_loss += loss / group_size
+            if not last_in_group:
+                continue
+            lr = trainer.optimizer_step(group_loss)
+            bar.update(1)
+            if info.is_main:
+                bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                log.step(trainer.global_step, trainer.epoch + 1, lr, group_loss, parts)
+            group_loss = 0.0
+            stopping = distributed.any_true(stop.received is not None, info)
+            if stopping or (args.checkpoint_every and trainer.global_step % args.checkpoint_every == 0):
+                trainer.save(LAST_NAME)
+            if stopping:
+                return True
+    return False
+
+
+def evaluate(trainer: Trainer, loader, log: RunLog | None) -> ConfusionMatrix:
+    """The argmax confusion matrix on the validation data, summed over all processes, and logged."""
+    args, info = trainer.args, trainer.info
+    matrix = confusion_matrices(trainer.model, loader, info.device, amp=args.amp,
+                                channels_last=args.channels_last, progress=info.is_main)["argmax"]
+    matrix.all_reduce()
+    if info.is_main:
+        log.evaluation(trainer.global_step, trainer.epoch, matrix)
+    return matrix
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    losses: list[float] = field(default_factory=list)  # one per optimizer step of this session
+    metrics: ConfusionMatrix | None = None  # the last evaluation
+    global_step: int = 0
+    exit_code: int = 0
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    torch.set_num_threads(args.threads or default_threads(args.workers))
+    info = distributed.setup(args.device)
+    try:
+        return run_training(args, info)
+    finally:
+        distributed.cleanup(info)
+
+
+def run_training(args: argparse.Namespace, info: distributed.DistInfo) -> TrainResult:
+    """Build (or resume) the run, train epoch by epoch with an evaluation after each, report."""
+    output = Path(args.output)
+    resume_path = resolve_resume(args.resume, output)
+    resumed = load_training_checkpoint(resume_path) if resume_path else None  # on the CPU: RNG states stay there
+    data_config = resumed["data_config"] if resumed else data_config_from_args(args)
+    model = build_run_model(args, resumed["model_config"] if resumed else None, info.device)
+    train_loader, val_loader = build_loaders(args, data_config, info)
+    trainer = Trainer(model, args, info, data_config, steps_per_epoch=-(-len(train_loader) // args.accum_steps))
+    if resumed:
+        trainer.load_state_dict(resumed)
+
+    log = None
+    if info.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        log = RunLog(output, resume_step=trainer.global_step if resumed else None)
+        where = f" from {resume_path} (epoch {trainer.epoch}, step {trainer.global_step})" if resumed else ""
+        print(f"training {'model' if resumed else args.preset} on {info.device} x{info.world_size}{where}; "
+              f"{len(train_loader.dataset)} training / {len(val_loader.dataset) * info.world_size} validation "
+              f"images, {trainer.steps_per_epoch} steps per epoch, output {output}")
+
+    result = TrainResult(model=model, losses=trainer.step_losses)
+    with StopSignal() as stop:
+        while trainer.epoch < args.epochs:
+            if train_one_epoch(trainer, train_loader, log, stop):
+                if info.is_main:
+                    print(f"stopped by signal {stop.received}; checkpoint {output / LAST_NAME} "
+                          f"(step {trainer.global_step}); continue with --resume auto")
+                result.global_step = trainer.global_step
+                result.exit_code = 128 + (stop.received or signal.SIGTERM)
+                return result
+            trainer.finish_epoch()
+            if args.eval_every and (trainer.epoch % args.eval_every == 0 or trainer.epoch == args.epochs):
+                matrix = result.metrics = evaluate(trainer, val_loader, log)
+                if matrix.mean_iou() > trainer.best_miou:
+                    trainer.best_miou = matrix.mean_iou()
+                    trainer.save(BEST_NAME)
+                if info.is_main:
+                    print(matrix.table())
+                    print(f"epoch {trainer.epoch}: mean IoU {matrix.mean_iou():.4f}, "
+                          f"pixel accuracy {matrix.pixel_accuracy():.4f}")
+            trainer.save(LAST_NAME)
+
+    if result.metrics is None:
+        result.metrics = evaluate(trainer, val_loader, log)
+        if info.is_main:
+            print(result.metrics.table())
+    result.global_step = trainer.global_step
+    if info.is_main:
+        print(f"final mean IoU {result.metrics.mean_iou():.4f} after {trainer.global_step} steps; "
+              f"checkpoints in {output}")
+        log.close()
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,10 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         result = train(args)
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as error:
+    except (NonFiniteLossError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if result.exit_code == 0:
