@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -352,6 +353,43 @@ def test_checkpoint_format_errors_name_the_file_and_the_version(tmp_path, capsys
         load_training_checkpoint(tmp_path / "future.pt")
     with pytest.raises(ValueError, match="format version 1"):
         Checkpoint.from_dict(model_only)
+
+
+# ----------------------------------------------------------------------------- what a run prints
+
+EPOCH_LINE = re.compile(r"epoch (\d)/2: loss \d+\.\d{4}, val mean IoU \d\.\d{4}, pixel accuracy \d\.\d{4}, \d+ s")
+
+
+def test_a_run_prints_one_line_per_epoch_and_the_table_once_at_the_end(tmp_path, capsys):
+    assert train.main(tiny_flags(tmp_path)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    epoch_lines = [i for i, line in enumerate(lines) if line.startswith("epoch ")]
+    assert [EPOCH_LINE.fullmatch(lines[i]).group(1) for i in epoch_lines] == ["1", "2"]
+    tables = [i for i, line in enumerate(lines) if line.startswith("label ")]
+    assert len(tables) == 1 and tables[0] > epoch_lines[-1]
+    assert lines[tables[0] + 2].startswith("background") and lines[tables[0] + 25].startswith("tie")
+    assert lines[-2].startswith("final mean IoU") and lines[-1].startswith("wall time")
+    assert len(lines) == 1 + 2 + 28 + 2  # header, epochs, table (24 labels, 2 rules, 2 totals), final lines
+
+
+def test_verbose_prints_the_table_after_every_evaluation(tmp_path, capsys):
+    assert train.main(tiny_flags(tmp_path, "--verbose")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    epoch_lines = [i for i, line in enumerate(lines) if EPOCH_LINE.fullmatch(line)]
+    tables = [i for i, line in enumerate(lines) if line.startswith("label ")]
+    assert len(epoch_lines) == 2 and len(tables) == 2
+    assert tables[0] < epoch_lines[0] < tables[1] < epoch_lines[1]  # each table, then its epoch's line
+    assert lines[-2].startswith("final mean IoU")
+
+
+def test_without_evaluations_the_epoch_lines_hold_the_loss_only(tmp_path, capsys):
+    assert train.main(tiny_flags(tmp_path, "--eval-every", "0")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("epoch ")] == [
+        line for line in lines if re.fullmatch(r"epoch \d/2: loss \d+\.\d{4}, \d+ s", line)
+    ]
+    assert sum(line.startswith("epoch ") for line in lines) == 2
+    assert sum(line.startswith("label ") for line in lines) == 1  # the final evaluation's table
 
 
 # ----------------------------------------------------------------------------- DDP

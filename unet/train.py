@@ -7,8 +7,9 @@
 One plain loop (`train_one_epoch`, then an evaluation) over a `Trainer`, which owns the training
 state: AdamW (no weight decay on norms, biases and other 1-d parameters), linear warmup then cosine
 decay per optimizer step, gradient accumulation and clipping, optional AMP, channels-last,
-torch.compile and gradient checkpointing. Each epoch ends with an evaluation whose per-label IoU
-table is printed. Logs go to ``<output>/train.csv``, ``<output>/eval.csv`` and TensorBoard
+torch.compile and gradient checkpointing. Each epoch prints one summary line (loss, validation mean
+IoU and pixel accuracy, time); the per-label IoU table follows the last evaluation, or every one
+with ``--verbose``. Logs go to ``<output>/train.csv``, ``<output>/eval.csv`` and TensorBoard
 (``<output>/tb``; `unet.run_log`). ``<output>/last.pt`` is written atomically every
 ``--checkpoint-every`` optimizer steps, at the end of each epoch and on SIGINT/SIGTERM;
 ``<output>/best.pt`` holds the best mean IoU so far (format: `unet.checkpoint.Checkpoint`).
@@ -112,6 +113,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-every", type=non_negative_int, default=1, help="epochs between evaluations; 0: only at the end")
     run.add_argument("--checkpoint-every", type=non_negative_int, default=200,
                      help="optimizer steps between checkpoints, besides each epoch end; 0: epoch ends only")
+    run.add_argument("--verbose", action="store_true",
+                     help="print the per-label IoU table after every evaluation, not only after the last")
     return parser
 
 
@@ -376,9 +379,9 @@ def train_one_epoch(trainer: Trainer, loader, log: RunLog | None, stop: StopSign
     loader.sampler.set_epoch(trainer.epoch, start=trainer.step_in_epoch * args.accum_steps * args.batch_size)
     num_batches = len(loader)
     group_loss = 0.0
-    bar = tqdm(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch, unit="step",
+    bar = tqdm(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch, unit="step", leave=False,
                desc=f"epoch {trainer.epoch + 1}/{args.epochs}", dynamic_ncols=True, disable=not info.is_main,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # leave=False: the epoch's line replaces it
     with bar:
         for batch_index, batch in enumerate(loader):
             group_start = batch_index - batch_index % args.accum_steps
@@ -411,6 +414,15 @@ def evaluate(trainer: Trainer, loader, log: RunLog | None) -> ConfusionMatrix:
     if info.is_main:
         log.evaluation(trainer.global_step, trainer.epoch, matrix)
     return matrix
+
+
+def epoch_summary(epoch: int, epochs: int, losses: list[float], matrix: ConfusionMatrix | None, seconds: float) -> str:
+    """The one line printed after each epoch: mean step loss, validation scores (if evaluated), time."""
+    parts = [f"loss {sum(losses) / len(losses):.4f}"] if losses else []
+    if matrix is not None:
+        parts.append(f"val mean IoU {matrix.mean_iou():.4f}, pixel accuracy {matrix.pixel_accuracy():.4f}")
+    parts.append(f"{seconds:.0f} s")
+    return f"epoch {epoch}/{epochs}: " + ", ".join(parts)
 
 
 @dataclass
@@ -458,6 +470,7 @@ def run_training(args: argparse.Namespace, info: distributed.DistInfo) -> TrainR
     result = TrainResult(model=model, losses=trainer.step_losses)
     with StopSignal() as stop:
         while trainer.epoch < args.epochs:
+            started, steps_before = time.perf_counter(), len(trainer.step_losses)
             if train_one_epoch(trainer, train_loader, log, stop):
                 if info.is_main:
                     print(f"stopped by signal {stop.received}; checkpoint {output / LAST_NAME} "
@@ -466,23 +479,26 @@ def run_training(args: argparse.Namespace, info: distributed.DistInfo) -> TrainR
                 result.exit_code = 128 + (stop.received or signal.SIGTERM)
                 return result
             trainer.finish_epoch()
+            matrix = None
             if args.eval_every and (trainer.epoch % args.eval_every == 0 or trainer.epoch == args.epochs):
                 matrix = result.metrics = evaluate(trainer, val_loader, log)
                 if matrix.mean_iou() > trainer.best_miou:
                     trainer.best_miou = matrix.mean_iou()
                     trainer.save(BEST_NAME)
-                if info.is_main:
-                    print(matrix.table())
-                    print(f"epoch {trainer.epoch}: mean IoU {matrix.mean_iou():.4f}, "
-                          f"pixel accuracy {matrix.pixel_accuracy():.4f}")
             trainer.save(LAST_NAME)
+            if info.is_main:
+                if matrix is not None and args.verbose:
+                    print(matrix.table())
+                print(epoch_summary(trainer.epoch, args.epochs, trainer.step_losses[steps_before:], matrix,
+                                    time.perf_counter() - started))
 
+    table_printed = args.verbose and result.metrics is not None
     if result.metrics is None:
         result.metrics = evaluate(trainer, val_loader, log)
-        if info.is_main:
-            print(result.metrics.table())
     result.global_step = trainer.global_step
     if info.is_main:
+        if not table_printed:
+            print(result.metrics.table())
         print(f"final mean IoU {result.metrics.mean_iou():.4f} after {trainer.global_step} steps; "
               f"checkpoints in {output}")
         log.close()
