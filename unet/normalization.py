@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 HISTORY_STEPS = 3  # the extrapolation uses the statistics of steps i-1, i-2 and i-3
@@ -109,8 +110,8 @@ class SubBatchNorm2d(nn.Module):
     """BatchNorm over (N, H, W) whose training statistics blend in the previous step's sub-batches.
 
     See the module docstring for the formulas and for the :func:`end_step` a trainer must call
-    once per optimizer step. Statistics are computed in float32 (float64 for float64 inputs), so
-    the layer works under autocast; the output has the input's dtype and memory format.
+    once per optimizer step. Statistics are kept in float32 (float64 for float64 inputs), so the
+    layer works under autocast; the output has the input's dtype and memory format, as BatchNorm's.
     """
 
     def __init__(
@@ -158,24 +159,24 @@ class SubBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"SubBatchNorm2d expects (N, {self.num_features}, H, W), got {tuple(x.shape)}")
-        x_stats = x.to(torch.promote_types(x.dtype, torch.float32))
-        if self.training:
-            center, scale, shift = self._training_affine(x_stats)
-        else:
-            center, scale, shift = self.running_mean, self.weight * torch.rsqrt(self.running_var + self.eps), self.bias
-        normalized = (x_stats - center.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-        return normalized.to(x.dtype)
+        stats_dtype = torch.promote_types(x.dtype, torch.float32)
+        weight, bias = self.weight.to(stats_dtype), self.bias.to(stats_dtype)
+        if not self.training:
+            return F.batch_norm(x, self.running_mean.to(stats_dtype), self.running_var.to(stats_dtype), weight, bias,
+                                training=False, eps=self.eps)
+        r, d = self._renormalization(x.to(stats_dtype))
+        # BatchNorm over the sub-batch (its fused kernel and gradient), rescaled and shifted onto the blend.
+        return F.batch_norm(x, None, None, weight * r, bias + weight * d, training=True, eps=self.eps)
 
-    def _training_affine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x - center) * scale + shift`` is the blend's normalization, with BatchNorm's gradient."""
+    @torch.no_grad()
+    def _renormalization(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``r`` and ``d`` that turn the sub-batch's own normalization into the blend's; records its statistics."""
         sub_var, sub_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
         if not _inside_backward():
-            self._pending.append(torch.stack([sub_mean, sub_var]).detach())
-        mean, var = self._blend(sub_mean.detach(), sub_var.detach())
+            self._pending.append(torch.stack([sub_mean, sub_var]))
+        mean, var = self._blend(sub_mean, sub_var)
         inv_std = torch.rsqrt(var + self.eps)
-        r = torch.sqrt(sub_var.detach() + self.eps) * inv_std
-        d = (sub_mean.detach() - mean) * inv_std
-        return sub_mean, self.weight * torch.rsqrt(sub_var + self.eps) * r, self.bias + self.weight * d
+        return torch.sqrt(sub_var + self.eps) * inv_std, (sub_mean - mean) * inv_std
 
     def previous_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The previous step's average statistics, extrapolated to this step when enabled and possible."""
