@@ -7,11 +7,18 @@ that its output can take any sign (a block never ends with an activation that cl
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from unet.normalization import SubBatchNorm2d
+
+NormLayer = Callable[[int], nn.Module]  # builds a normalization layer for a channel count
+NORMS = ("group", "batch", "subbatch")
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -19,46 +26,65 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
-class ConvNorm(nn.Sequential):
-    """A 3x3 convolution followed by GroupNorm, with no activation (a linear layer)."""
+def norm_layer(kind: str = "group", groups: int = 8, subbatch_extrapolate: bool = False) -> NormLayer:
+    """The model's normalization (section 6): ``group`` (GroupNorm with ``groups``), ``batch`` or ``subbatch``."""
+    if kind == "group":
+        return functools.partial(group_norm, groups=groups)
+    if kind == "batch":
+        return nn.BatchNorm2d
+    if kind == "subbatch":
+        return functools.partial(SubBatchNorm2d, extrapolate=subbatch_extrapolate)
+    raise ValueError(f"unknown normalization {kind!r}; valid: {', '.join(NORMS)}")
 
-    def __init__(self, in_channels: int, out_channels: int, norm_groups: int, stride: int = 1) -> None:
+
+def _resolve_norm(norm_groups: int, norm: NormLayer | None) -> NormLayer:
+    return norm if norm is not None else norm_layer("group", norm_groups)
+
+
+class ConvNorm(nn.Sequential):
+    """A 3x3 convolution followed by a normalization, with no activation (a linear layer)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: NormLayer, stride: int = 1) -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-            group_norm(out_channels, norm_groups),
+            norm(out_channels),
         )
 
 
 class PartialSkipConv(nn.Module):
     """``act(x + norm(conv(x)))``: the partial skip of section 6.2, reabsorbed before the activation."""
 
-    def __init__(self, channels: int, norm_groups: int) -> None:
+    def __init__(self, channels: int, norm: NormLayer) -> None:
         super().__init__()
-        self.conv = ConvNorm(channels, channels, norm_groups)
+        self.conv = ConvNorm(channels, channels, norm)
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(x + self.conv(x))
 
 
-def residual_tail(channels: int, convs: int, norm_groups: int) -> nn.Sequential:
+def residual_tail(channels: int, convs: int, norm: NormLayer) -> nn.Sequential:
     """``convs`` 3x3 convolutions: partial-skip units, then a final linear one (keeps the sign)."""
-    layers: list[nn.Module] = [PartialSkipConv(channels, norm_groups) for _ in range(convs - 1)]
-    layers.append(ConvNorm(channels, channels, norm_groups))
+    layers: list[nn.Module] = [PartialSkipConv(channels, norm) for _ in range(convs - 1)]
+    layers.append(ConvNorm(channels, channels, norm))
     return nn.Sequential(*layers)
 
 
 class DownBlock(nn.Module):
     """Halves the resolution and changes the features: a stride-2 convolution, then a residual tail.
 
-    ``convs`` counts every 3x3 convolution in the block (at least 2).
+    ``convs`` counts every 3x3 convolution in the block (at least 2). ``norm`` builds each
+    normalization (see :func:`norm_layer`); ``None``: GroupNorm with ``norm_groups`` groups.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, convs: int, norm_groups: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, convs: int, norm_groups: int = 8, norm: NormLayer | None = None
+    ) -> None:
         super().__init__()
-        self.down = ConvNorm(in_channels, out_channels, norm_groups, stride=2)
+        norm = _resolve_norm(norm_groups, norm)
+        self.down = ConvNorm(in_channels, out_channels, norm, stride=2)
         self.act = nn.SiLU()
-        self.tail = residual_tail(out_channels, convs - 1, norm_groups)
+        self.tail = residual_tail(out_channels, convs - 1, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.down(x))
@@ -72,7 +98,7 @@ class UpBlock(nn.Module):
     nearest-upsampled), so the block starts near a plain upsampling. The first convolution sees
     ``cat(upsampled, skip)``; an optional local-attention branch sees the same input and is added
     beside it. The upsampled tensor is the partial skip of that first convolution and the plain
-    residual of the whole block.
+    residual of the whole block. ``norm`` as in :class:`DownBlock`.
     """
 
     def __init__(
@@ -81,16 +107,18 @@ class UpBlock(nn.Module):
         skip_channels: int,
         out_channels: int,
         convs: int,
-        norm_groups: int,
+        norm_groups: int = 8,
         local_attention: nn.Module | None = None,
+        norm: NormLayer | None = None,
     ) -> None:
         super().__init__()
+        norm = _resolve_norm(norm_groups, norm)
         self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
         self.lossy_skip = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        self.fuse = ConvNorm(out_channels + skip_channels, out_channels, norm_groups)
+        self.fuse = ConvNorm(out_channels + skip_channels, out_channels, norm)
         self.local_attention = local_attention
         self.act = nn.SiLU()
-        self.tail = residual_tail(out_channels, convs - 1, norm_groups)
+        self.tail = residual_tail(out_channels, convs - 1, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         # A 1x1 convolution commutes with nearest upsampling: project at the low resolution (cheaper).
@@ -129,12 +157,12 @@ def sincos_position_encoding_2d(
 class GlobalSelfAttention2d(nn.Module):
     """Multi-head self-attention over every pixel of a feature map, with a 2D sin-cos position code."""
 
-    def __init__(self, channels: int, heads: int, norm_groups: int) -> None:
+    def __init__(self, channels: int, heads: int, norm: NormLayer) -> None:
         super().__init__()
         if channels % heads:
             raise ValueError(f"heads must divide channels, got heads={heads} and channels={channels}")
         self.heads = heads
-        self.norm = group_norm(channels, norm_groups)
+        self.norm = norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
 
@@ -150,15 +178,21 @@ class GlobalSelfAttention2d(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-    """``x + mlp(act(x + attention(x)))``: global attention with a partial skip, then a linear MLP."""
+    """``x + mlp(act(x + attention(x)))``: global attention with a partial skip, then a linear MLP.
 
-    def __init__(self, channels: int, heads: int, mlp_ratio: float, norm_groups: int) -> None:
+    ``norm`` as in :class:`DownBlock`.
+    """
+
+    def __init__(
+        self, channels: int, heads: int, mlp_ratio: float, norm_groups: int = 8, norm: NormLayer | None = None
+    ) -> None:
         super().__init__()
+        norm = _resolve_norm(norm_groups, norm)
         hidden = max(1, round(channels * mlp_ratio))
-        self.attention = GlobalSelfAttention2d(channels, heads, norm_groups)
+        self.attention = GlobalSelfAttention2d(channels, heads, norm)
         self.act = nn.SiLU()
         self.mlp = nn.Sequential(
-            group_norm(channels, norm_groups),
+            norm(channels),
             nn.Conv2d(channels, hidden, 1),
             nn.SiLU(),
             nn.Conv2d(hidden, channels, 1),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from unet.blocks import BottleneckBlock, DownBlock, LocalFeatureNorm, UpBlock
+from unet.blocks import NORMS, BottleneckBlock, DownBlock, LocalFeatureNorm, UpBlock, norm_layer
 from unet.checks import check_int
 from unet.labels import NUM_LABELS
 
@@ -47,6 +47,8 @@ class UNetConfig:
     mlp_ratio: float = 2.0  # hidden width of the bottleneck MLP, relative to its features
     convs_per_block: int = 2  # 3x3 convolutions in each down and up block
     norm_groups: int = 8  # GroupNorm groups (the largest divisor of a width not above this)
+    norm: str = "group"  # "group", "batch" or "subbatch" (unet.normalization); label logits keep their own norm
+    subbatch_extrapolate: bool = False  # norm="subbatch": extrapolate the previous steps' statistics
     local_attention_levels: tuple[int, ...] = ()  # decoder levels, 0 = nearest the bottleneck
     local_attention_block_size: int = 2
     local_attention_heads: int = 4
@@ -61,6 +63,12 @@ class UNetConfig:
             object.__setattr__(self, name, check_int(name, getattr(self, name), minimum))
         if not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if not isinstance(self.subbatch_extrapolate, bool):
+            raise ValueError(f"subbatch_extrapolate must be a bool, got {self.subbatch_extrapolate!r}")
+        if self.subbatch_extrapolate and self.norm != "subbatch":
+            raise ValueError(f"subbatch_extrapolate needs norm='subbatch', got norm={self.norm!r}")
         object.__setattr__(self, "local_attention_levels", tuple(self.local_attention_levels))
         for level in self.local_attention_levels:
             if not isinstance(level, int) or not 0 <= level < self.depth:
@@ -122,14 +130,14 @@ class AttentionUNet(nn.Module):
             raise TypeError(f"config must be a UNetConfig, got {type(config).__name__}")
         self.config = config
         widths = config.widths
-        groups = config.norm_groups
+        norm = norm_layer(config.norm, config.norm_groups, config.subbatch_extrapolate)
         encoder_inputs = (config.in_channels,) + widths[:-1]
         self.encoder = nn.ModuleList(
-            DownBlock(cin, cout, config.convs_per_block, groups) for cin, cout in zip(encoder_inputs, widths)
+            DownBlock(cin, cout, config.convs_per_block, norm=norm) for cin, cout in zip(encoder_inputs, widths)
         )
         self.bottleneck = nn.Sequential(
             *(
-                BottleneckBlock(widths[-1], config.heads, config.mlp_ratio, groups)
+                BottleneckBlock(widths[-1], config.heads, config.mlp_ratio, norm=norm)
                 for _ in range(config.bottleneck_blocks)
             )
         )
@@ -139,7 +147,7 @@ class AttentionUNet(nn.Module):
         in_widths = (widths[-1],) + out_widths[:-1]
         self.decoder = nn.ModuleList(
             UpBlock(
-                cin, cskip, cout, config.convs_per_block, groups,
+                cin, cskip, cout, config.convs_per_block, norm=norm,
                 local_attention=self._local_attention(level, cin=cout + cskip, cout=cout),
             )
             for level, (cin, cskip, cout) in enumerate(zip(in_widths, skip_widths, out_widths))
