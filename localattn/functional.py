@@ -19,6 +19,9 @@ BACKENDS = ("auto", "kernel", "reference")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 
+# The fallback reasons already warned about (FallbackWarning comes once per reason).
+_warned_reasons: set[str] = set()
+
 
 class FallbackWarning(UserWarning):
     """``backend="auto"`` took the reference path because no compiled kernel can serve a call."""
@@ -115,12 +118,9 @@ def _why_no_kernel(device: torch.device, block_size: int) -> str | None:
     return None
 
 
-_warned_reasons: set[str] = set()
-
-
 def _warn_fallback(reason: str) -> None:
     # warnings.warn would break a torch.compile graph: compiled code falls back silently.
-    if reason in _warned_reasons or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or reason in _warned_reasons:
         return
     _warned_reasons.add(reason)
     warnings.warn(

@@ -167,6 +167,18 @@ def test_auto_falls_back_to_reference_without_kernel(fresh_fallback_warnings):
         localattn.local_attention2d(q, k, v, rpb, 2, backend="kernel")
 
 
+def test_fallback_compiles_without_graph_break(fresh_fallback_warnings, monkeypatch):
+    """With no kernel to serve the call, torch.compile(fullgraph=True) traces the reference path
+    (the FallbackWarning is an eager-mode affair: warnings.warn would break the graph)."""
+    monkeypatch.setattr(ops, "KERNEL_DEVICES", frozenset())
+    torch._dynamo.reset()
+    q, k, v, rpb = random_inputs((1, 5, 6, 2, 4), 2, dtype=torch.float32)
+    compiled = torch.compile(localattn.local_attention2d, fullgraph=True, backend="eager")
+    expected = dense_local_attention(q, k, v, rpb, 2, 0.5, False)[0].float()
+    torch.testing.assert_close(compiled(q, k, v, rpb, 2), expected)
+    torch._dynamo.reset()
+
+
 def test_cuda_block_size_beyond_kernels_falls_back(fresh_fallback_warnings, monkeypatch):
     """On a CUDA device the kernels serve b <= CUDA_MAX_BLOCK_SIZE: auto takes the reference path
     for larger blocks, warning once; backend="kernel" refuses them. (The backend choice only,
