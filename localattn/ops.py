@@ -18,6 +18,12 @@ BACKWARD_OP = "localattn::local_attention2d_backward"
 
 try:
     from . import _C  # importing it registers the schemas and the kernels
+
+    if not hasattr(_C, "KERNEL_DEVICES"):
+        raise ImportError(
+            "localattn._C was built from older sources (it has no KERNEL_DEVICES): rebuild it, "
+            'e.g. pip install --no-build-isolation -e .'
+        )
 except ImportError as error:  # the pure-Python reference path still works
     EXTENSION_ERROR: ImportError | None = error
     KERNEL_DEVICES: frozenset[str] = frozenset()
