@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import BACKENDS, local_attention2d
+from .functional import BACKENDS, DTYPES, bias_dtype_allowed, local_attention2d
 
 __all__ = ["LocalAttention2d"]
 
@@ -66,6 +66,13 @@ class LocalAttention2d(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"LocalAttention2d: x must be a Tensor, got {type(x).__name__}")
+        if x.dtype not in DTYPES:
+            raise TypeError(
+                "LocalAttention2d: x must be floating point (float16, bfloat16, float32 or float64), "
+                f"got dtype {x.dtype}"
+            )
         if x.dim() != 4:
             raise ValueError(f"LocalAttention2d: expected a (B, C, H, W) input, got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
@@ -80,10 +87,17 @@ class LocalAttention2d(nn.Module):
             for weight, bias in zip(self.qkv.weight.chunk(3), biases)
         )
         out = local_attention2d(
-            q, k, v, self.relative_position_bias.to(q.dtype), self.block_size,
+            q, k, v, self._bias_table(q.dtype), self.block_size,
             symmetric=self.symmetric, backend=self.backend,
         )
         return self.proj(out.flatten(-2)).permute(0, 3, 1, 2)
+
+    def _bias_table(self, dtype: torch.dtype) -> torch.Tensor:
+        """The bias table for queries of ``dtype``: the parameter itself where the op accepts its
+        dtype (a float32 table under bf16/fp16 autocast is used unrounded and its gradient
+        summed in float32), else a copy cast to ``dtype``."""
+        table = self.relative_position_bias
+        return table if bias_dtype_allowed(dtype, table.dtype) else table.to(dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -23,7 +23,9 @@ def local_attention2d_reference(
 ) -> torch.Tensor:
     """Local attention of ``[B, H, W, heads, D]`` tensors; see :func:`localattn.local_attention2d`.
 
-    Low-precision inputs are computed in float32 and the result is cast back, as the kernels do.
+    Low-precision inputs are computed in float32 and the result is cast back, as the kernels do;
+    a float32 ``rpb`` with float16/bfloat16 inputs (the dtype rule of ``local_attention2d``) is
+    used unrounded and gets a float32 gradient.
     """
     batch, height, width, heads, dim = q.shape
     b = block_size

@@ -1,10 +1,10 @@
 """CUDA kernels of the local attention op (csrc/localattn/cuda) against a dense float64 oracle.
 
-The oracle below builds the full [H*W, H*W] score matrix from pixel coordinates, straight from
-the contract in shared/design/local-attention.md, independently of the reference path and of the
-kernels' tiling. Every kernel error is compared with the error of the plain-PyTorch reference
-path in the same dtype: the kernel may be at most twice as far from the oracle, plus a few units
-of rounding of the largest value.
+The oracle (tests/localattn_oracle.py) builds the full [H*W, H*W] score matrix from pixel
+coordinates, straight from the contract in docs/local-attention.md, independently of the
+reference path and of the kernels' tiling. Every kernel error is compared with the error of the
+plain-PyTorch reference path in the same dtype: the kernel may be at most twice as far from the
+oracle, plus a few units of rounding of the largest value.
 
 Tests marked `cuda` need a GPU (skipped without one by conftest.py). Without one, the same
 kernel sources still run: tests/cuda_emulation builds them for the CPU with emulated threads,
@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from localattn.functional import kernel_available, local_attention2d
+from localattn_oracle import dense_local_attention, random_inputs
 
 FORWARD = torch.ops.localattn.local_attention2d_forward
 BACKWARD = torch.ops.localattn.local_attention2d_backward
@@ -34,51 +35,6 @@ def test_cuda_build_registers_cuda_kernels():
         pytest.skip("localattn._C was built without CUDA")
     for op in ("localattn::local_attention2d_forward", "localattn::local_attention2d_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
-
-
-def dense_oracle(q, k, v, rpb, block_size, scale, symmetric):
-    """(out, lse) of the contract, in float64, from a dense masked [H*W, H*W] attention."""
-    batch, height, width, heads, dim = q.shape
-    b, table = block_size, 4 * block_size - 1
-    q, k, v, rpb = (t.double() for t in (q, k, v, rpb))
-    ys, xs = torch.meshgrid(
-        torch.arange(height, device=q.device), torch.arange(width, device=q.device), indexing="ij"
-    )
-    ys, xs = ys.flatten(), xs.flatten()
-    dy, dx = ys[None, :] - ys[:, None], xs[None, :] - xs[:, None]  # key minus query
-    visible = ((ys[None, :] // b - ys[:, None] // b).abs() <= 1) & (
-        (xs[None, :] // b - xs[:, None] // b).abs() <= 1
-    )
-    if symmetric:
-        visible &= (dy.abs() <= b) & (dx.abs() <= b)
-    index = (dy + 2 * b - 1).clamp(0, table - 1) * table + (dx + 2 * b - 1).clamp(0, table - 1)
-    bias = rpb.flatten(1)[:, index]  # [heads, N, N]; clamped entries are masked below
-
-    def by_head(t):
-        return t.reshape(batch, height * width, heads, dim).transpose(1, 2)
-
-    scores = scale * by_head(q) @ by_head(k).transpose(-1, -2) + bias
-    scores = scores.masked_fill(~visible, float("-inf"))
-    out = scores.softmax(-1) @ by_head(v)
-    lse = scores.logsumexp(-1)
-    return (
-        out.transpose(1, 2).reshape(batch, height, width, heads, dim),
-        lse.transpose(1, 2).reshape(batch, height, width, heads),
-    )
-
-
-def random_inputs(shape, block_size, dtype, rpb_dtype=None, requires_grad=False, seed=0,
-                  device="cuda"):
-    generator = torch.Generator(device=device).manual_seed(seed)
-    table = 4 * block_size - 1
-
-    def draw(size, dt):
-        t = torch.randn(size, generator=generator, device=device, dtype=torch.float64).to(dt)
-        return t.requires_grad_(requires_grad)
-
-    q, k, v = (draw(shape, dtype) for _ in range(3))
-    rpb = draw((shape[3], table, table), rpb_dtype or dtype)
-    return q, k, v, rpb
 
 
 def grads(fn, inputs, grad_out):
@@ -149,7 +105,7 @@ def check_against_oracle(shape, block_size, symmetric, dtype, seed, rpb_dtype=No
     )
     # The oracle gets float64 leaves, so that its gradients are not rounded to dtype.
     oracle_out, oracle_grads = grads(
-        lambda *t: dense_oracle(*t, block_size, scale, symmetric)[0],
+        lambda *t: dense_local_attention(*t, block_size, scale, symmetric)[0],
         [t.double() for t in inputs],
         grad_out,
     )
@@ -161,7 +117,7 @@ def check_against_oracle(shape, block_size, symmetric, dtype, seed, rpb_dtype=No
         assert kernel.dtype == reference.dtype, name
         assert_as_close_as_reference(name, kernel, reference, expected, dtype, context)
 
-    oracle_lse = dense_oracle(*inputs, block_size, scale, symmetric)[1]
+    oracle_lse = dense_local_attention(*inputs, block_size, scale, symmetric)[1]
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(lse.double(), oracle_lse, rtol=1e-5, atol=1e-5, msg=context)
 
@@ -223,11 +179,12 @@ def test_large_image_uses_several_tiles():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_float32_bias_table_with_low_precision_inputs(dtype):
-    q, k, v, rpb = random_inputs((2, 7, 9, 3, 32), 2, dtype, rpb_dtype=torch.float32, seed=3)
+    q, k, v, rpb = random_inputs((2, 7, 9, 3, 32), 2, dtype, rpb_dtype=torch.float32, seed=3,
+                                 device="cuda")
     scale = 32**-0.5
     out, lse = FORWARD(q, k, v, rpb, 2, scale, True)
     rounded_table_out, _ = FORWARD(q, k, v, rpb.to(dtype), 2, scale, True)
-    expected, _ = dense_oracle(q, k, v, rpb, 2, scale, True)
+    expected, _ = dense_local_attention(q, k, v, rpb, 2, scale, True)
     # The float32 table is used unrounded, so the result is no further from the oracle.
     floor = 4 * torch.finfo(dtype).eps * (1 + expected.abs().max().item())
     assert max_error(out, expected) <= max_error(rounded_table_out, expected) + floor
@@ -240,7 +197,8 @@ def test_float32_bias_table_with_low_precision_inputs(dtype):
 @pytest.mark.parametrize("symmetric", (False, True))
 @pytest.mark.parametrize("block_size", (1, 2, 3, 4))
 def test_gradcheck_float64(block_size, symmetric):
-    inputs = random_inputs((1, 5, 7, 2, 5), block_size, torch.float64, requires_grad=True, seed=11)
+    inputs = random_inputs((1, 5, 7, 2, 5), block_size, torch.float64, requires_grad=True, seed=11,
+                           device="cuda")
     # grad_rpb is summed with atomics, so repeated backward passes may differ in the last bits.
     assert torch.autograd.gradcheck(
         lambda *t: local_attention2d(*t, block_size, 0.7, symmetric, backend="kernel"),
@@ -253,7 +211,7 @@ def test_gradcheck_float64(block_size, symmetric):
 def test_misaligned_and_strided_inputs():
     """Inputs that start off a 16-byte boundary, or are not contiguous, give the same result."""
     shape = (1, 10, 6, 2, 16)
-    q, k, v, rpb = random_inputs(shape, 2, torch.float16, seed=5)
+    q, k, v, rpb = random_inputs(shape, 2, torch.float16, seed=5, device="cuda")
     expected, _ = FORWARD(q, k, v, rpb, 2, 0.25, False)
     shifted = misaligned_copy(q)
     strided = torch.empty(shape[:-1] + (2 * shape[-1],), device="cuda", dtype=q.dtype)[..., ::2]
@@ -265,7 +223,7 @@ def test_misaligned_and_strided_inputs():
 
 @pytest.mark.cuda
 def test_empty_batch():
-    q, k, v, rpb = random_inputs((0, 4, 4, 2, 16), 2, torch.float32)
+    q, k, v, rpb = random_inputs((0, 4, 4, 2, 16), 2, torch.float32, device="cuda")
     out, lse = FORWARD(q, k, v, rpb, 2, 0.25, False)
     assert out.shape == q.shape and lse.shape == q.shape[:4]
     grad_rpb = BACKWARD(out, q, k, v, rpb, out, lse, 2, 0.25, False)[3]
@@ -275,7 +233,7 @@ def test_empty_batch():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_opcheck(dtype):
-    q, k, v, rpb = random_inputs((2, 6, 5, 2, 16), 2, dtype, seed=2)
+    q, k, v, rpb = random_inputs((2, 6, 5, 2, 16), 2, dtype, seed=2, device="cuda")
     out, lse = FORWARD(q, k, v, rpb, 2, 0.25, True)
     torch.library.opcheck(FORWARD, (q, k, v, rpb, 2, 0.25, True))
     torch.library.opcheck(BACKWARD, (torch.randn_like(out), q, k, v, rpb, out, lse, 2, 0.25, True))
@@ -293,7 +251,8 @@ def test_opcheck(dtype):
     ],
 )
 def test_bad_inputs_raise_clear_errors(name, bad, error, message):
-    args = dict(zip(("q", "k", "v", "rpb"), random_inputs((1, 4, 4, 2, 8), 2, torch.float32)))
+    inputs = random_inputs((1, 4, 4, 2, 8), 2, torch.float32, device="cuda")
+    args = dict(zip(("q", "k", "v", "rpb"), inputs))
     args["block_size"] = 2
     args[name] = bad(args)
     with pytest.raises(error, match=message):
@@ -302,6 +261,6 @@ def test_bad_inputs_raise_clear_errors(name, bad, error, message):
 
 @pytest.mark.cuda
 def test_head_size_beyond_shared_memory_raises():
-    q, k, v, rpb = random_inputs((1, 8, 8, 1, 128), 4, torch.float64)
+    q, k, v, rpb = random_inputs((1, 8, 8, 1, 128), 4, torch.float64, device="cuda")
     with pytest.raises(ValueError, match="shared memory"):
         FORWARD(q, k, v, rpb, 4, 0.1, False)

@@ -111,6 +111,20 @@ def test_autocast_bfloat16_with_float32_parameters():
     assert layer.relative_position_bias.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_autocast_bias_gradient_is_not_rounded_to_bfloat16(backend):
+    """Under bf16 autocast the float32 table goes to the op as it is (the rpb dtype rule), so its
+    gradient is summed in float32; through a bf16 copy it would hold bf16 values only."""
+    layer = make_layer(backend=backend)
+    x = torch.randn(1, 12, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    grad = layer.relative_position_bias.grad
+    assert grad.dtype == torch.float32
+    assert not torch.equal(grad, grad.bfloat16().float())
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
@@ -132,6 +146,10 @@ def test_forward_errors():
         layer(torch.randn(12, 5, 5))
     with pytest.raises(ValueError, match="expected 12 input channels, got 11"):
         layer(torch.randn(1, 11, 5, 5))
+    with pytest.raises(TypeError, match="x must be floating point .* got dtype torch.int64"):
+        layer(torch.ones(1, 12, 5, 5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x must be a Tensor, got ndarray"):
+        layer(torch.randn(1, 12, 5, 5).numpy())
 
 
 @pytest.mark.parametrize(

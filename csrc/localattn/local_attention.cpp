@@ -1,5 +1,5 @@
-// Schemas of the local attention op (see ../shared/design/local-attention.md, README "Local attention").
-// Kernels live in cpu/ and cuda/ and register themselves with TORCH_LIBRARY_IMPL.
+// Schemas of the local attention op (contract in docs/local-attention.md, input checks in
+// checks.h). Kernels live in cpu/ and cuda/ and register themselves with TORCH_LIBRARY_IMPL.
 //
 // Layout: q, k, v and out are [B, H, W, heads, D] (heads-last, what a channels-last projection
 // yields without a copy); rpb is [heads, 4b-1, 4b-1]; lse is [B, H, W, heads] in float32
@@ -8,11 +8,39 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
+namespace {
+
+// The device types this build registers kernels for, as localattn.ops.kernel_available reads
+// them: the CUDA sources are compiled (and register under the CUDA key) only with -DWITH_CUDA.
+PyObject* kernel_devices() {
+#ifdef WITH_CUDA
+  return Py_BuildValue("(ss)", "cpu", "cuda");
+#else
+  return Py_BuildValue("(s)", "cpu");
+#endif
+}
+
+}  // namespace
+
 extern "C" {
-// Importing localattn._C from Python runs the static TORCH_LIBRARY initialisers below.
+// Importing localattn._C from Python runs the static TORCH_LIBRARY initialisers below, and
+// publishes KERNEL_DEVICES and CUDA_MAX_BLOCK_SIZE for the backend choice of localattn.functional.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  PyObject* devices = kernel_devices();
+  const bool ok = devices != nullptr && PyModule_AddObjectRef(module, "KERNEL_DEVICES", devices) == 0 &&
+                  PyModule_AddIntConstant(module, "CUDA_MAX_BLOCK_SIZE",
+                                          localattn::kCudaMaxBlockSize) == 0;
+  Py_XDECREF(devices);
+  if (!ok) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

@@ -40,7 +40,7 @@ def _host_source(text: str) -> str:
 def _host_helpers(ops: str) -> str:
     """The host helpers of ops.cu (before its anonymous namespace), without device queries."""
     ops = ops[: ops.index("\nnamespace {")] + "\n}  // namespace localattn::cuda\n"
-    ops = re.sub(r"#include <(c10/cuda/\w+\.h|torch/library\.h)>\n", "", ops)
+    ops = re.sub(r"#include (<c10/cuda/\w+\.h>|<torch/library\.h>|\"\.\./checks\.h\")\n", "", ops)
     limits = r"SharedMemoryLimits shared_memory_limits\(\) \{.*?\n\}\n"
     ops = re.sub(limits, H100_SHARED_MEMORY, ops, flags=re.S)
     ops = re.sub(

@@ -1,5 +1,6 @@
 // Shared pieces of the CUDA kernels of localattn::local_attention2d_forward / _backward
-// (contract in shared/design/local-attention.md, schemas in ../local_attention.cpp).
+// (contract in docs/local-attention.md, input checks in ../checks.h, schemas in
+// ../local_attention.cpp).
 //
 // Work decomposition. A thread block owns one (batch item, head) and a square tile of TB x TB
 // pixel blocks of b x b pixels. All b*b pixels of a block see the same 3b x 3b window of pixels

@@ -2,9 +2,10 @@
 // allocation and registration under the CUDA dispatch key. The kernels are in forward.cu,
 // backward_query.cu and backward_key.cu.
 //
-// rpb may be in the dtype of q or in float32 (a float32 master copy of the table under autocast
-// or mixed precision); grad_rpb comes back in rpb's dtype, summed in float32 (float64 for
-// float64 inputs). lse is float32 (float64 for float64 inputs).
+// The input contract is ../checks.h (docs/local-attention.md): rpb in the dtype of q, or float32
+// for float16/bfloat16 inputs (a float32 master copy of the table under autocast or mixed
+// precision); grad_rpb comes back in rpb's dtype, summed in float32 (float64 for float64
+// inputs). lse is float32 (float64 for float64 inputs).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../checks.h"
 #include "local_attention_cuda.cuh"
 
 namespace localattn::cuda {
@@ -83,50 +85,18 @@ int launch_threads(const Geometry& g) {
 
 namespace {
 
-at::ScalarType accumulate_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+constexpr const char* kWhere = "local_attention2d (CUDA)";
 
-void check_same(const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(t.sizes() == q.sizes(), "local_attention2d (CUDA): ", name,
-                    " must have the shape of q ", q.sizes(), ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "local_attention2d (CUDA): ", name,
-                   " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == q.device(), "local_attention2d (CUDA): ", name,
-                    " must be on the device of q (", q.device(), "), got ", t.device());
-}
-
+// The shared contract (../checks.h), plus what the CUDA kernels add: block sizes up to
+// kCudaMaxBlockSize (the instantiated ones) and sizes that fit their 32-bit indexing.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& rpb, int64_t block_size) {
-  TORCH_CHECK_VALUE(q.is_cuda(), "local_attention2d (CUDA): q must be a CUDA tensor, got ",
-                    q.device());
-  TORCH_CHECK_VALUE(q.dim() == 5, "local_attention2d (CUDA): q must be [B, H, W, heads, D], got ",
-                    q.sizes());
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
-                       dtype == at::kDouble,
-                   "local_attention2d (CUDA): q must be float16, bfloat16, float32 or float64, "
-                   "got ",
-                   dtype);
+  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= kCudaMaxBlockSize, kWhere,
+                    ": block_size must be 1 to ", kCudaMaxBlockSize, ", got ", block_size);
+  localattn::check_inputs(kWhere, at::kCUDA, q, k, v, rpb, block_size);
   for (int64_t size : q.sizes()) {
-    TORCH_CHECK_VALUE(size <= INT_MAX / 16, "local_attention2d (CUDA): q is too large: ",
-                      q.sizes());
+    TORCH_CHECK_VALUE(size <= INT_MAX / 16, kWhere, ": q is too large: ", q.sizes());
   }
-  check_same("k", k, q);
-  check_same("v", v, q);
-  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= 4,
-                    "local_attention2d (CUDA): block_size must be 1, 2, 3 or 4, got ", block_size);
-  const int64_t table = 4 * block_size - 1;
-  TORCH_CHECK_VALUE(rpb.dim() == 3 && rpb.size(0) == q.size(3) && rpb.size(1) == table &&
-                        rpb.size(2) == table,
-                    "local_attention2d (CUDA): rpb must be [heads, 4b-1, 4b-1] = [", q.size(3),
-                    ", ", table, ", ", table, "], got ", rpb.sizes());
-  TORCH_CHECK_TYPE(rpb.scalar_type() == dtype || rpb.scalar_type() == at::kFloat,
-                   "local_attention2d (CUDA): rpb must have the dtype of q (", dtype,
-                   ") or float32, got ", rpb.scalar_type());
-  TORCH_CHECK_VALUE(rpb.device() == q.device(),
-                    "local_attention2d (CUDA): rpb must be on the device of q (", q.device(),
-                    "), got ", rpb.device());
 }
 
 // The bias table of every head in the accumulation dtype, as the kernels read it.
@@ -155,17 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& v_in, const at::Tensor& rpb, const at::Tensor& out_in,
     const at::Tensor& lse_in, int64_t block_size, double scale, bool symmetric) {
   check_inputs(q_in, k_in, v_in, rpb, block_size);
-  check_same("grad_out", grad_out_in, q_in);
-  check_same("out", out_in, q_in);
+  check_backward_inputs(kWhere, grad_out_in, out_in, lse_in, q_in);
   const auto acc_dtype = accumulate_type(q_in.scalar_type());
-  TORCH_CHECK_VALUE(lse_in.sizes() == q_in.sizes().slice(0, 4),
-                    "local_attention2d (CUDA): lse must be [B, H, W, heads] = ",
-                    q_in.sizes().slice(0, 4), ", got ", lse_in.sizes());
-  TORCH_CHECK_TYPE(lse_in.scalar_type() == acc_dtype, "local_attention2d (CUDA): lse must be ",
-                   acc_dtype, ", got ", lse_in.scalar_type());
-  TORCH_CHECK_VALUE(lse_in.device() == q_in.device(),
-                    "local_attention2d (CUDA): lse must be on the device of q (", q_in.device(),
-                    "), got ", lse_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor grad_out = grad_out_in.contiguous(), q = q_in.contiguous(),
                    k = k_in.contiguous(), v = v_in.contiguous(), out = out_in.contiguous(),
