@@ -17,8 +17,9 @@ SIGINT/SIGTERM; ``<output>/best.pt`` holds the best mean IoU so far (format:
 `unet.checkpoint.Checkpoint`). ``--resume auto`` continues from ``last.pt`` exactly where the
 interrupted run stood (same batches, same RNG states, same losses).
 
-Under torchrun every process trains on its shard (DistributedDataParallel), the confusion matrices
-are summed across processes, and only rank 0 prints, logs and writes checkpoints.
+Under torchrun every process trains on its shard (DistributedDataParallel, also with one process),
+the confusion matrices are summed across processes, and only rank 0 prints, logs and writes
+checkpoints.
 """
 from __future__ import annotations
 
@@ -482,7 +483,8 @@ def run_training(args: argparse.Namespace, info: distributed.DistInfo) -> TrainR
         output.mkdir(parents=True, exist_ok=True)
         log = RunLog(output, resume_step=trainer.global_step if resumed else None)
         where = f" from {resume_path} (epoch {trainer.epoch}, step {trainer.global_step})" if resumed else ""
-        print(f"training {'model' if resumed else args.preset} on {info.device} x{info.world_size}{where}; "
+        ddp = f" (DDP, {info.backend})" if info.enabled else ""
+        print(f"training {'model' if resumed else args.preset} on {info.device} x{info.world_size}{ddp}{where}; "
               f"{len(train_loader.dataset)} training / {len(val_loader.dataset) * info.world_size} validation "
               f"images, {trainer.steps_per_epoch} steps per epoch, output {output}")
 
