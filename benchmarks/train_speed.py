@@ -511,6 +511,8 @@ def format_table(results: list[dict]) -> str:
             f"{_number(r['mfu_measured'], '.1%', 7)} {_number(r['peak_memory_gib'], '.2f', 8)}"
         )
     lines.append("GFLOP/img: forward only (backward counted too, in MFU); LA: local attention levels")
+    lines += [f"{r['case']}: local attention ran the plain-PyTorch reference (no compiled kernel on this device)"
+              for r in rows if r.get("localattn_kernel") is False]
     lines += comparisons(rows)
     for r in results:
         if r.get("data_loading"):
@@ -610,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if device.type == "cpu" and not (args.tiny or args.data_loading):
+        print("note: the cases at their GPU sizes take minutes per step on a CPU; --tiny shrinks them",
+              file=sys.stderr)
     train.configure_backends(device)
     results = []
     if args.data_loading:

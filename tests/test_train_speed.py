@@ -168,13 +168,16 @@ def row(case, ms, images_per_s):
 def test_the_table_compares_checkpointing_and_the_baseline():
     rows = [row("paper512", 100.0, 80.0), row("paper512-gc", 130.0, 61.5), row("smp-r50-512", 50.0, 160.0),
             {key: value for key, value in row("paper512-la-all", 0, 0).items() if key in DESCRIPTION}
-            | {"error": "OutOfMemoryError: boom"}, row("paper512-compile", 40.0, 200.0)]
+            | {"error": "OutOfMemoryError: boom"}, row("paper512-compile", 40.0, 200.0),
+            row("paper512-la012", 150.0, 53.0) | {"local_attention": "0,1,2", "localattn_kernel": False}]
     table = train_speed.format_table(rows)
     assert "grad checkpointing: +30.0% step time (target: at most +35%), peak memory 17.40 -> 17.40 GiB" in table
     assert "paper512 vs smp-r50-512: 0.50x the images/s" in table
     assert "OutOfMemoryError: boom" in table
     assert "paper512-compile vs paper512: 2.50x the images/s" in table
     assert "paper512-compile: first step 95 s (compilation included)" in table
+    assert "paper512-la012: local attention ran the plain-PyTorch reference" in table
+    assert "paper512-la-all: local attention ran" not in table
     assert "peak: datasheet 989 TFLOP/s (dense bf16), measured matmul 790 TFLOP/s" in table
 
 
