@@ -49,6 +49,7 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
 
 
 def launched_by_torchrun() -> bool:
+    """torchrun (or any launcher setting its variables) started this process, with any number of them."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
