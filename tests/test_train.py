@@ -19,13 +19,7 @@ from unet.distributed import EpochSampler
 from unet.losses import SegmentationLoss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_flags(output, *extra):
@@ -408,6 +402,23 @@ def _ddp_worker(rank, world_size, port, output, results):
     result = run(tiny_flags(output, "--epochs", "1"))
     torch.save({"params": params(result.model), "matrix": result.metrics.matrix, "code": result.exit_code},
                results / f"rank{rank}.pt")
+
+
+def test_a_one_process_torchrun_trains_under_ddp_like_a_plain_run(tmp_path, monkeypatch, capsys):
+    """What `torchrun --nproc_per_node 1` does on a one-GPU machine: join the process group, train
+    under DDP (gloo here, NCCL on a GPU), and give the losses of a run without torchrun."""
+    plain = run(tiny_flags(tmp_path / "plain", "--epochs", "1"))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    capsys.readouterr()
+    assert train.main(tiny_flags(tmp_path / "torchrun", "--epochs", "1")) == 0
+    assert " on cpu x1 (DDP, gloo); " in capsys.readouterr().out
+    assert not torch.distributed.is_initialized()  # left as found
+    state = load_checkpoint(tmp_path / "torchrun" / "last.pt")
+    assert_same_params(state["model"], params(plain.model))
 
 
 @pytest.mark.slow

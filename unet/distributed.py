@@ -1,7 +1,8 @@
 """Process-group set-up for torchrun, and the epoch sampler the trainer shards and resumes with.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without them the run is a
-single process and nothing here touches torch.distributed.
+single process and nothing here touches torch.distributed. Under torchrun the process group is joined
+even with one process, so that a one-GPU machine runs the multi-GPU path (NCCL, DDP) too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    backend: str | None = None  # the process group's ("nccl", "gloo") when launched by torchrun
 
     @property
     def is_main(self) -> bool:
@@ -26,7 +28,8 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """In a process group: the model trains under DDP and the collectives below communicate."""
+        return self.backend is not None
 
 
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
@@ -45,17 +48,24 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     return device
 
 
+def launched_by_torchrun() -> bool:
+    """torchrun (or any launcher setting its variables) started this process, with any number of them."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def setup(device_name: str | None) -> DistInfo:
-    """Join the torchrun process group when there is one (NCCL on GPUs, gloo on CPU)."""
+    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if not launched_by_torchrun():
+        return DistInfo(rank, world_size, local_rank, device)
+    if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return DistInfo(rank, world_size, local_rank, device)
+    return DistInfo(rank, world_size, local_rank, device, backend=dist.get_backend())
 
 
 def cleanup(info: DistInfo) -> None:

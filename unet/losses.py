@@ -10,6 +10,11 @@
   ``p < 1``, of the discrete gradients of the probability maps (section 4.3).
 
 All losses are computed in float32 whatever the input dtype (they are cheap and AMP-sensitive).
+
+Checking that label ids lie in ``[0, L)`` reads the labels back to the host: on a GPU that waits for
+the queued work, and under ``torch.compile`` it breaks the graph. Each function therefore takes
+``check_range``, and ``SegmentationLoss(check_labels=False)`` skips the check for data whose ids
+were checked upstream (`unet.data` checks every label map at load).
 """
 
 from __future__ import annotations
@@ -49,14 +54,20 @@ DEFAULT_LABEL_WEIGHTS: torch.Tensor = _label_weights(
 )
 
 
-def check_label_map(labels: torch.Tensor, num_labels: int, like: torch.Tensor, name: str = "labels") -> None:
-    """Raise unless ``labels`` is an int64 ``(B, H, W)`` map matching ``like`` (B, L, H, W) with values in [0, L)."""
+def check_label_map(
+    labels: torch.Tensor, num_labels: int, like: torch.Tensor, name: str = "labels", check_range: bool = True
+) -> None:
+    """Raise unless ``labels`` is an int64 ``(B, H, W)`` map matching ``like`` (B, L, H, W) with values in [0, L).
+
+    The dtype and shape checks cost nothing; the value range, a device sync, only with ``check_range``.
+    """
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
         raise TypeError(f"{name} must be an int64 tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
     expected = (like.shape[0],) + tuple(like.shape[2:])
     if tuple(labels.shape) != expected:
         raise ValueError(f"{name} must have shape {expected} to match the predictions, got {tuple(labels.shape)}")
-    check_label_range(labels, num_labels, name)
+    if check_range:
+        check_label_range(labels, num_labels, name)
 
 
 def weighted_cross_entropy(
@@ -65,6 +76,7 @@ def weighted_cross_entropy(
     label_weights: torch.Tensor | None = None,
     log_clamp: float = 10.0,
     pixel_weights: torch.Tensor | None = None,
+    check_range: bool = True,
 ) -> torch.Tensor:
     """``mean_i  pixel_weight_i * w[y_i] * min(-log p_i[y_i], log_clamp)`` over all pixels.
 
@@ -72,7 +84,7 @@ def weighted_cross_entropy(
     ones), ``pixel_weights`` (B, H, W). Beyond ``log_clamp`` a pixel is hopeless and stops
     contributing gradient, so one confidently wrong pixel cannot dominate a batch.
     """
-    check_label_map(labels, label_logits.shape[1], label_logits)
+    check_label_map(labels, label_logits.shape[1], label_logits, check_range=check_range)
     nll = F.cross_entropy(label_logits.float(), labels, reduction="none").clamp(max=log_clamp)
     if label_weights is not None:
         nll = nll * label_weights.to(nll.device, torch.float32)[labels]
@@ -81,14 +93,14 @@ def weighted_cross_entropy(
     return nll.mean()
 
 
-def soft_iou_loss(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+def soft_iou_loss(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1.0, check_range: bool = True) -> torch.Tensor:
     """Mass-weighted soft IoU loss, averaged over the batch.
 
     Per image and label ``j``: ``I_j = sum f_j g_j``, ``U_j = sum f_j + g_j - I_j`` with ``f`` the
     one-hot target and ``g = probs``; the loss is ``sum_j m_j (1 - (I_j + eps) / (U_j + eps))`` where
     ``m_j`` is the fraction of the image's pixels labelled ``j``. ``eps`` is in pixels.
     """
-    check_label_map(labels, probs.shape[1], probs)
+    check_label_map(labels, probs.shape[1], probs, check_range=check_range)
     probs = probs.float()
     target = F.one_hot(labels, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
     intersection = (probs * target).sum(dim=(2, 3))
@@ -106,7 +118,8 @@ def boundary_bce(boundary_logits: torch.Tensor, boundary: torch.Tensor, fn_weigh
             f"boundary must have the shape of boundary_logits {tuple(boundary_logits.shape)}, "
             f"got {tuple(boundary.shape)}"
         )
-    pos_weight = torch.tensor(fn_weight, device=boundary_logits.device, dtype=torch.float32)
+    # Filled on the device: a tensor copied from the host would make a GPU wait for its queue.
+    pos_weight = boundary_logits.new_full((), fn_weight, dtype=torch.float32)
     return F.binary_cross_entropy_with_logits(boundary_logits.float(), boundary.float(), pos_weight=pos_weight)
 
 
@@ -134,6 +147,8 @@ class SegmentationLoss(nn.Module):
     gradient-sparsity and boundary-pixel reweighting are off (weight 0) but the IoU and sparsity
     terms are still reported in ``parts`` (computed without gradient). ``edge_weight`` multiplies the
     cross entropy of boundary pixels by ``1 + edge_weight`` (section 4.3; needs accurate labels).
+    ``check_labels=False`` skips the label range check (a device sync, and a graph break under
+    ``torch.compile``) for labels checked upstream; the dtype and shape checks always run.
     """
 
     def __init__(
@@ -150,6 +165,7 @@ class SegmentationLoss(nn.Module):
         sparsity_p: float = 0.5,
         sparsity_eps: float = 0.01,
         sparsity_clamp: float = 0.04,
+        check_labels: bool = True,
     ) -> None:
         super().__init__()
         weights = DEFAULT_LABEL_WEIGHTS if label_weights is None else torch.as_tensor(label_weights)
@@ -171,6 +187,7 @@ class SegmentationLoss(nn.Module):
         self.log_clamp = log_clamp
         self.iou_eps = iou_eps
         self.sparsity = {"p": sparsity_p, "eps": sparsity_eps, "clamp": sparsity_clamp}
+        self.check_labels = check_labels
 
     def forward(
         self, output: SegmentationOutput, labels: torch.Tensor, boundary: torch.Tensor
@@ -184,11 +201,15 @@ class SegmentationLoss(nn.Module):
             raise ValueError(
                 f"boundary must have shape {tuple(output.boundary_logits.shape)}, got {tuple(boundary.shape)}"
             )
+        check_label_map(labels, logits.shape[1], logits, check_range=self.check_labels)  # once, not per term
         pixel_weights = 1.0 + self.edge_weight * boundary[:, 0] if self.edge_weight else None
-        probs = F.softmax(logits.float(), dim=1)
+        logits = logits.float()  # one float32 copy for the cross entropy and the probabilities
+        probs = F.softmax(logits, dim=1)
         terms = {
-            "ce": lambda: weighted_cross_entropy(logits, labels, self.label_weights, self.log_clamp, pixel_weights),
-            "iou": lambda: soft_iou_loss(probs, labels, self.iou_eps),
+            "ce": lambda: weighted_cross_entropy(
+                logits, labels, self.label_weights, self.log_clamp, pixel_weights, check_range=False
+            ),
+            "iou": lambda: soft_iou_loss(probs, labels, self.iou_eps, check_range=False),
             "boundary": lambda: boundary_bce(output.boundary_logits, boundary, self.fn_weight),
             "sparsity": lambda: gradient_sparsity(probs, **self.sparsity),
         }

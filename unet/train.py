@@ -5,19 +5,21 @@
     torchrun --nproc_per_node 8 -m unet.train --preset paper --batch-size 4 --resume auto
 
 One plain loop (`train_one_epoch`, then an evaluation) over a `Trainer`, which owns the training
-state: AdamW (no weight decay on norms, biases and other 1-d parameters), linear warmup then cosine
-decay per optimizer step, gradient accumulation and clipping, optional AMP, channels-last,
-torch.compile and gradient checkpointing. Each epoch prints one summary line (loss, validation mean
-IoU and pixel accuracy, time); the per-label IoU table follows the last evaluation, or every one
-with ``--verbose``. Logs go to ``<output>/train.csv``, ``<output>/eval.csv`` and TensorBoard
-(``<output>/tb``; `unet.run_log`). ``<output>/last.pt`` is written atomically every
-``--checkpoint-every`` optimizer steps, at the end of each epoch and on SIGINT/SIGTERM;
-``<output>/best.pt`` holds the best mean IoU so far (format: `unet.checkpoint.Checkpoint`).
-``--resume auto`` continues from ``last.pt`` exactly where the interrupted run stood (same
-batches, same RNG states, same losses).
+state: fused AdamW (no weight decay on norms, biases and other 1-d parameters), linear warmup then
+cosine decay per optimizer step, gradient accumulation and clipping, optional AMP, channels-last,
+torch.compile (of the model and of the loss) and gradient checkpointing. A training step reads one
+number back from the device, the loss, after its backward pass is queued. Each epoch prints one
+summary line (loss, validation mean IoU and pixel accuracy, time); the per-label IoU table follows
+the last evaluation, or every one with ``--verbose``. Logs go to ``<output>/train.csv``,
+``<output>/eval.csv`` and TensorBoard (``<output>/tb``; `unet.run_log`). ``<output>/last.pt`` is
+written atomically every ``--checkpoint-every`` optimizer steps, at the end of each epoch and on
+SIGINT/SIGTERM; ``<output>/best.pt`` holds the best mean IoU so far (format:
+`unet.checkpoint.Checkpoint`). ``--resume auto`` continues from ``last.pt`` exactly where the
+interrupted run stood (same batches, same RNG states, same losses).
 
-Under torchrun every process trains on its shard (DistributedDataParallel), the confusion matrices
-are summed across processes, and only rank 0 prints, logs and writes checkpoints.
+Under torchrun every process trains on its shard (DistributedDataParallel, also with one process),
+the confusion matrices are summed across processes, and only rank 0 prints, logs and writes
+checkpoints.
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="decoder levels with local attention, e.g. 0,1 (default: the preset's)")
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     model.add_argument("--channels-last", action="store_true")
-    model.add_argument("--compile", action="store_true", help="torch.compile the model")
+    model.add_argument("--compile", action="store_true", help="torch.compile the model and the loss")
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--epochs", type=positive_int, default=13)
@@ -201,6 +203,12 @@ class StopSignal:
         self.received = signum
 
 
+def configure_backends(device: torch.device) -> None:
+    """Let cuDNN time its convolution algorithms once per input shape (training shapes repeat)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def default_threads(workers: int) -> int:
     """The cores of this machine left to one training process once its data workers have theirs.
 
@@ -245,13 +253,15 @@ def build_loaders(args: argparse.Namespace, data_config: dict, info: distributed
     sampler = distributed.EpochSampler(
         len(train_ds), shuffle=True, seed=args.seed, rank=info.rank, world_size=info.world_size
     )
+    pin_memory = info.device.type == "cuda"  # page-locked batches copy to the GPU without blocking
     train_loader = torch.utils.data.DataLoader(
         train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        worker_init_fn=_init_worker, generator=torch.Generator(),
+        worker_init_fn=_init_worker, generator=torch.Generator(), pin_memory=pin_memory,
     )
     # Evaluation counts every image once: a plain shard per process, no padding.
     val_shard = torch.utils.data.Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=args.batch_size, num_workers=args.workers)
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=args.batch_size, num_workers=args.workers,
+                                             pin_memory=pin_memory)
     return train_loader, val_loader
 
 
@@ -270,14 +280,20 @@ class Trainer:
         self.model, self.args, self.info, self.data_config = model, args, info, data_config
         self.output = Path(args.output)
         self.steps_per_epoch = steps_per_epoch
-        self.criterion = SegmentationLoss().to(info.device)
-        self.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+        # unet.data checks every label id at load: the loss skips its range check, a device sync.
+        self.criterion = SegmentationLoss(check_labels=False).to(info.device)
+        # Fused: one kernel launch per step for all parameters (CUDA and CPU).
+        self.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=True)
         warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
         schedule = warmup_cosine(warmup, args.epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp == "fp16")
-        forward_model = DistributedDataParallel(model) if info.enabled else model
-        self.forward_model = torch.compile(forward_model) if args.compile else forward_model
+        self.forward_model = DistributedDataParallel(model) if info.enabled else model
+        if args.compile:
+            # Static shapes: an epoch's last, smaller batch compiles once more instead of every kernel
+            # turning shape-generic. The loss is compiled too, so its float32 casts fuse.
+            self.forward_model = torch.compile(self.forward_model, dynamic=False)
+            self.criterion = torch.compile(self.criterion, dynamic=False)
         self.epoch = 0  # epochs finished
         self.step_in_epoch = 0  # optimizer steps done in the epoch under way
         self.global_step = 0
@@ -319,17 +335,20 @@ class Trainer:
         """Forward and backward of one batch of an accumulation group of `group_size` batches.
 
         Gradients are all-reduced across processes only when `sync` (the group's last batch).
-        Returns the batch's loss and its parts; a non-finite loss on any process stops every one.
+        Returns the batch's loss and its parts; a non-finite loss on any process stops every one
+        before the optimizer step.
         """
         images, labels, boundary = _to_device(batch, self.info.device, self.args.channels_last)
         accumulate = self.info.enabled and not sync
         with self.forward_model.no_sync() if accumulate else contextlib.nullcontext():
             with autocast(self.info.device, self.args.amp):
                 loss, parts = self.criterion(self.forward_model(images), labels, boundary)
-            if not distributed.all_true(bool(torch.isfinite(loss)), self.info):
-                raise NonFiniteLossError(self._non_finite_message(loss, parts))
             self.scaler.scale(loss / group_size).backward()
-        return float(loss.detach()), parts
+        # Read back only once the backward pass is queued, so the device never waits for the host.
+        value = float(loss.detach())
+        if not distributed.all_true(math.isfinite(value), self.info):
+            raise NonFiniteLossError(self._non_finite_message(value, parts))
+        return value, parts
 
     def optimizer_step(self, loss: float) -> float:
         """Clip, step, schedule; `loss` is the accumulation group's. Returns the learning rate it used."""
@@ -348,11 +367,11 @@ class Trainer:
     def finish_epoch(self) -> None:
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
-    def _non_finite_message(self, loss: torch.Tensor, parts: dict) -> str:
+    def _non_finite_message(self, loss: float, parts: dict) -> str:
         details = ", ".join(f"{name}={float(value):.4g}" for name, value in parts.items())
         last = self.output / LAST_NAME
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
-        return (f"non-finite loss {float(loss.detach())} at epoch {self.epoch + 1}, after step {self.global_step} "
+        return (f"non-finite loss {loss} at epoch {self.epoch + 1}, after step {self.global_step} "
                 f"({details}); stopping, {kept} (not overwritten). Try a lower --lr, --clip-grad, or --amp none.")
 
 
@@ -440,6 +459,7 @@ class TrainResult:
 def train(args: argparse.Namespace) -> TrainResult:
     torch.set_num_threads(args.threads or default_threads(args.workers))
     info = distributed.setup(args.device)
+    configure_backends(info.device)
     try:
         return run_training(args, info)
     finally:
@@ -463,7 +483,8 @@ def run_training(args: argparse.Namespace, info: distributed.DistInfo) -> TrainR
         output.mkdir(parents=True, exist_ok=True)
         log = RunLog(output, resume_step=trainer.global_step if resumed else None)
         where = f" from {resume_path} (epoch {trainer.epoch}, step {trainer.global_step})" if resumed else ""
-        print(f"training {'model' if resumed else args.preset} on {info.device} x{info.world_size}{where}; "
+        ddp = f" (DDP, {info.backend})" if info.enabled else ""
+        print(f"training {'model' if resumed else args.preset} on {info.device} x{info.world_size}{ddp}{where}; "
               f"{len(train_loader.dataset)} training / {len(val_loader.dataset) * info.world_size} validation "
               f"images, {trainer.steps_per_epoch} steps per epoch, output {output}")
 
