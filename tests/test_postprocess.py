@@ -64,6 +64,35 @@ def dust_fill_inputs(draw, max_side=12):
     return probs, regions, new_threshold, join_threshold, impatience
 
 
+@st.composite
+def segmented_outputs(draw):
+    """Inputs shaped like a network's output after SEGMENT: 1-400 regions (cells around random
+    seeds), 0-90% of the pixels unassigned, mostly in thick noisy bands along the cells' borders,
+    and probabilities that favour a label per cell; sometimes ids in another order, or ids of
+    regions left without a pixel."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    h, w = draw(st.integers(8, 40)), draw(st.integers(8, 40))
+    n_regions = min(draw(st.integers(1, 400)), h * w)
+    seeds = rng.integers(0, (h, w), size=(n_regions, 2))
+    yy, xx = np.mgrid[:h, :w]
+    distance = np.abs(yy - seeds[:, 0, None, None]) + np.abs(xx - seeds[:, 1, None, None])
+    regions = (distance + 2.0 * rng.random(distance.shape)).argmin(axis=0).astype(np.int32)
+    if draw(st.booleans()):
+        regions = rng.permutation(n_regions).astype(np.int32)[regions]
+    border = postprocess.boundary_from_labels(regions)
+    score = rng.random((h, w)) - draw(st.sampled_from([0.0, 0.5, 1.0])) * border
+    unassigned = draw(st.sampled_from([0.0, 0.05, 0.3, 0.5, 0.7, 0.9]))
+    regions.ravel()[np.argsort(score, axis=None)[: int(unassigned * h * w)]] = -1
+    num_labels = draw(st.integers(1, 8))
+    kind = draw(st.sampled_from(["smooth", "sharp", "coarse"]))
+    probs = _probabilities(rng, num_labels, (h, w), kind, draw(st.sampled_from([np.float32, np.float64])))
+    favoured = np.eye(num_labels)[np.where(regions >= 0, regions, rng.integers(0, n_regions, (h, w))) % num_labels]
+    probs = (probs + draw(st.sampled_from([0.0, 0.5, 2.0])) * favoured.transpose(2, 0, 1).astype(probs.dtype))
+    probs /= np.maximum(probs.sum(axis=0, keepdims=True), 1e-30)
+    new_threshold = draw(st.sampled_from([0.4, 0.6, 0.9, 1.1]))  # 1.1: nothing is promoted
+    return probs, regions, new_threshold, draw(st.floats(0.001, 0.5)), draw(st.floats(1.05, 3.0))
+
+
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     """Equal up to renaming ids: the same pixels unassigned (-1), and ids in one-to-one
     correspondence."""
@@ -257,6 +286,15 @@ def test_dust_fill_matches_reference_exactly(inputs):
     expected = reference.dust_fill(probs, regions, new_threshold, join_threshold, impatience)
     assert labels.dtype == np.int64
     assert np.array_equal(labels, expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(segmented_outputs())
+def test_dust_fill_matches_reference_on_segmented_outputs(inputs):
+    """The frontier relaxation against the pseudo-code's stack and swap buffer: many regions, up
+    to 90% of the pixels waiting, every round order and relaxation speed."""
+    labels = postprocess.dust_fill(*inputs)
+    assert np.array_equal(labels, reference.dust_fill(*inputs))
 
 
 def test_dust_fill_covering_regions_take_their_pooled_argmax():
@@ -466,6 +504,33 @@ B = np.zeros((4, 5), dtype=bool)
 def test_bad_input_raises_naming_the_argument(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_absurd_label_and_region_counts_are_refused_before_any_work():
+    """Statistics are regions x labels: counts whose product passes 2^28 fail with a clear error,
+    before the (broadcast, never materialized) probabilities are touched. (The kernel's own
+    check needs probabilities of over 2^28 values to trigger: regions never outnumber pixels.)"""
+    too_many_labels = torch.zeros(1, 1, 1).expand(postprocess.MAX_STATISTICS + 1, 2, 2)
+    with pytest.raises(ValueError, match="probs: expected at most 268435456 labels"):
+        postprocess.dust_fill(too_many_labels, np.zeros((2, 2), dtype=np.int32))
+    labels = 2**10
+    regions = np.arange(2**18 + 1, dtype=np.int32).reshape(1, -1)  # 2^18 + 1 regions
+    probs = torch.zeros(1, 1, 1).expand(labels, *regions.shape)
+    with pytest.raises(ValueError, match="dust_fill: 262145 regions x 1024 labels need 268436480 label statistics"):
+        postprocess.dust_fill(probs, regions)
+
+
+def test_many_labels_on_a_small_image():
+    """Memory is regions x labels, not labels squared: 20,000 labels on 4x4 pixels (the reference
+    keeps one-hot statistics per label, so it is not asked)."""
+    rng = np.random.default_rng(0)
+    probs = 0.5 * rng.dirichlet(np.ones(20000), size=(4, 4)).transpose(2, 0, 1).astype(np.float32)
+    probs[7, :, :2] += 0.5  # region 0 is label 7, region 1 label 19999; the middle column waits
+    probs[19999, :, 3] += 0.5
+    probs[[7, 19999], :, 2] += 0.25
+    regions = np.array([[0, 0, -1, 1]] * 4, dtype=np.int32)
+    labels = postprocess.dust_fill(probs, regions, new_threshold=1.1)
+    assert (labels[:, :2] == 7).all() and (labels[:, 3] == 19999).all() and set(labels[:, 2]) <= {7, 19999}
 
 
 def test_ops_check_their_inputs_too():

@@ -40,6 +40,9 @@ NEW_THRESHOLD = 0.5
 JOIN_THRESHOLD = 0.05
 IMPATIENCE = 1.5
 
+# DUST_FILL keeps regions x labels statistics and refuses more than this many (also as labels).
+MAX_STATISTICS = 2**28
+
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _UNSIGNED_AS_SIGNED = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 _FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -201,7 +204,20 @@ def segment(boundary, min_size: int = MIN_SIZE):
     return source.give_back(regions), source.give_back(counts)
 
 
+def _check_statistics(num_labels: int, regions: torch.Tensor) -> None:
+    """DUST_FILL's memory is regions x labels statistics: refuse absurd counts before any work
+    (the kernel checks too, but only after making the probabilities contiguous)."""
+    num_regions = int(regions.max()) + 1 if regions.numel() else 0
+    if num_regions * num_labels > MAX_STATISTICS:
+        raise ValueError(
+            f"dust_fill: {num_regions} regions x {num_labels} labels need {num_regions * num_labels} label "
+            f"statistics, more than the {MAX_STATISTICS} supported (a larger min_size keeps fewer regions)"
+        )
+
+
 def _dust_fill_parameters(new_threshold, join_threshold, impatience, num_labels: int):
+    if num_labels > MAX_STATISTICS:
+        raise ValueError(f"probs: expected at most {MAX_STATISTICS} labels, got {num_labels}")
     return (
         _thresholds(new_threshold, num_labels),
         _real(join_threshold, "join_threshold", above=0.0),
@@ -235,6 +251,7 @@ def dust_fill(
             raise ValueError("regions: expected ids in [-1, H*W) (-1 = unassigned)")
         regions_batch = regions_batch.to(torch.int32)
     parameters = _dust_fill_parameters(new_threshold, join_threshold, impatience, probs_batch.shape[1])
+    _check_statistics(probs_batch.shape[1], regions_batch)
     labels = torch.ops.unet.dust_fill(probs_batch, regions_batch, *parameters)
     return source.give_back(labels[0] if single else labels)
 
