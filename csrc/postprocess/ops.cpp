@@ -94,7 +94,10 @@ at::Tensor boundary_from_labels(const at::Tensor& labels) {
   return out;
 }
 
-at::Tensor close_gaps(const at::Tensor& boundary, int64_t iterations) {
+// A bool (B, H, W) boundary through a per-image morphology kernel taking `iterations`.
+using MorphologyKernel = void (*)(const bool*, int64_t, int64_t, int64_t, bool*);
+
+at::Tensor apply_morphology(const at::Tensor& boundary, int64_t iterations, MorphologyKernel kernel) {
   check_shape(boundary, "boundary", 3, "(B, H, W)");
   check_dtype(boundary, "boundary", {at::kBool});
   check_count(iterations, "iterations");
@@ -103,21 +106,16 @@ at::Tensor close_gaps(const at::Tensor& boundary, int64_t iterations) {
   const int64_t H = in.size(1), W = in.size(2);
   const bool* src = in.const_data_ptr<bool>();
   bool* dst = out.data_ptr<bool>();
-  for_each_image(in.size(0), [&](int64_t b) { close_gaps_image(src + b * H * W, H, W, iterations, dst + b * H * W); });
+  for_each_image(in.size(0), [&](int64_t b) { kernel(src + b * H * W, H, W, iterations, dst + b * H * W); });
   return out;
 }
 
+at::Tensor close_gaps(const at::Tensor& boundary, int64_t iterations) {
+  return apply_morphology(boundary, iterations, close_gaps_image);
+}
+
 at::Tensor prepare_boundary(const at::Tensor& boundary, int64_t iterations) {
-  check_shape(boundary, "boundary", 3, "(B, H, W)");
-  check_dtype(boundary, "boundary", {at::kBool});
-  check_count(iterations, "iterations");
-  const at::Tensor in = boundary.contiguous();
-  at::Tensor out = at::empty_like(in);
-  const int64_t H = in.size(1), W = in.size(2);
-  const bool* src = in.const_data_ptr<bool>();
-  bool* dst = out.data_ptr<bool>();
-  for_each_image(in.size(0), [&](int64_t b) { prepare_boundary_image(src + b * H * W, H, W, iterations, dst + b * H * W); });
-  return out;
+  return apply_morphology(boundary, iterations, prepare_boundary_image);
 }
 
 std::tuple<at::Tensor, at::Tensor> segment(const at::Tensor& boundary, int64_t min_size) {
