@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -174,7 +175,7 @@ class DustFill {
   void read_probabilities(const int32_t* regions) {
     constexpr int64_t kBlock = 8;
     const size_t unassigned = unassigned_.size();
-    unassigned_probs_.resize(unassigned * L_);
+    unassigned_probs_.reset(new prob_t[unassigned * L_]);  // not zeroed: every value is written
     best_label_.assign(unassigned, 0);
     unassigned_mass_.assign(unassigned, 0.0);
     bool valid = true;
@@ -190,7 +191,7 @@ class DustFill {
   template <int64_t kBlock>
   void read_label_block(const int32_t* regions, int64_t first_label, bool& valid) {
     const prob_t* planes = probs_ + first_label * HW_;
-    prob_t* copy = unassigned_probs_.data() + first_label;
+    prob_t* copy = unassigned_probs_.get() + first_label;
     prob_t lowest[kBlock] = {};
     bool unassigned_valid = true;
     int64_t p = 0, u = 0;
@@ -497,7 +498,7 @@ class DustFill {
   int64_t promoted_ = 0;
   std::vector<int32_t> mapping_;     // mask of each pixel; ~slot of a waiting pixel
   std::vector<int32_t> unassigned_;  // pixels left unassigned by SEGMENT, in scan order
-  std::vector<prob_t> unassigned_probs_;  // [unassigned pixel][label]; after promotion [slot][label]
+  std::unique_ptr<prob_t[]> unassigned_probs_;  // [unassigned pixel][label]; after promotion [slot][label]
   std::vector<int32_t> best_label_;       // per unassigned pixel: its most probable label (the first)
   std::vector<double> unassigned_mass_;   // and the sum of its probabilities
   std::vector<Waiting> waiting_;     // per slot, in scan order
