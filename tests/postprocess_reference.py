@@ -1,4 +1,5 @@
-"""Plain Python/NumPy reference of the post-processing, written from the paper's pseudo-code.
+"""Plain Python/NumPy reference of the post-processing, written from the paper's pseudo-code and,
+for the boundary preparation, from the description of the paper author's steps.
 
 Algorithms 2-4 (FLOOD, SEGMENT, DUST_FILL) follow the pseudo-code line by line: FLOOD's stack of
 (y, x, b) pushed for all four neighbours, SEGMENT's seeds taken in scan order, DUST_FILL's stack
@@ -51,6 +52,57 @@ def close_gaps(boundary: np.ndarray, iterations: int) -> np.ndarray:
     return canvas[pad:-pad, pad:-pad]
 
 
+def _shift_or(image: np.ndarray, offsets, outside: bool) -> np.ndarray:
+    """OR of `image` shifted by each (dy, dx): out[y, x] |= image[y + dy, x + dx], where pixels
+    outside the image read as `outside`."""
+    h, w = image.shape
+    reach = max((max(abs(dy), abs(dx)) for dy, dx in offsets), default=0)
+    padded = np.pad(image, reach, constant_values=outside)
+    out = np.zeros(image.shape, dtype=bool)
+    for dy, dx in offsets:
+        out |= padded[reach + dy : reach + dy + h, reach + dx : reach + dx + w]
+    return out
+
+
+def _square(radius: int):
+    return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+
+
+def _diamond(radius: int, inner: int = 0):
+    """Offsets at city-block distance inner..radius."""
+    return [(dy, dx) for dy, dx in _square(radius) if inner <= abs(dy) + abs(dx) <= radius]
+
+
+def prepare_boundary(boundary: np.ndarray, iterations: int) -> np.ndarray:
+    """The paper author's boundary preparation, step by step:
+
+    1. keep the boundary pixels that belong to a 2x2 block of boundary pixels;
+    2. make the image's outermost rows and columns boundary (the frame);
+    3. dilate by the square of radius `iterations`, then erode by the diamond (city-block ball)
+       of the same radius; the image is treated as lying on an endless plane of non-boundary
+       pixels (so the frame's dilation covers the plane around the image);
+    4. clear the pixels whose 12 neighbours at city-block distance 1 or 2 are all set, pixels
+       outside the image counting as set (re-opens the inside of blobs the closing filled);
+    5. OR with the mask of steps 1-2.
+    """
+    b = np.asarray(boundary, dtype=bool)
+    h, w = b.shape
+    # The 2x2 blocks, each marked at its top-left pixel, then spread to their four pixels.
+    block = np.zeros((h + 1, w + 1), dtype=bool)
+    block[1:h, 1:w] = b[:-1, :-1] & b[:-1, 1:] & b[1:, :-1] & b[1:, 1:]
+    kept = block[1:, 1:] | block[1:, :-1] | block[:-1, 1:] | block[:-1, :-1]
+    if h and w:
+        kept[0, :] = kept[-1, :] = kept[:, 0] = kept[:, -1] = True
+    # Dilation and erosion on a canvas wide enough to hold the whole dilation.
+    n = iterations
+    canvas = np.pad(kept, n)
+    dilated = _shift_or(canvas, _square(n), outside=False)
+    eroded = ~_shift_or(~dilated, _diamond(n), outside=False)
+    closed = eroded[n : n + h, n : n + w]
+    reopened = closed & _shift_or(~closed, _diamond(2, inner=1), outside=False)
+    return reopened | kept
+
+
 def flood(data: list[list[int]], mask: list[tuple[int, int]], x: int, y: int) -> int:
     """Algorithm 2: claims cells in `data` from the seed, appends them to `mask`, returns filled."""
     height, width = len(data), len(data[0])
@@ -73,7 +125,9 @@ def flood(data: list[list[int]], mask: list[tuple[int, int]], x: int, y: int) ->
 
 
 def segment(boundary: np.ndarray, min_size: int) -> tuple[np.ndarray, int]:
-    """Algorithm 3 with seeds in scan order: int32 region map (-1 unassigned) and region count."""
+    """Algorithm 3 with seeds in scan order, keeping regions of more than `min_size` pixels (the
+    author's code; the pseudo-code writes `mass >= T`): int32 region map (-1 unassigned) and
+    region count."""
     data = [[BOUNDARY if v else CELL for v in row] for row in np.asarray(boundary, dtype=bool).tolist()]
     masks = []
     for y in range(boundary.shape[0]):
@@ -81,7 +135,7 @@ def segment(boundary: np.ndarray, min_size: int) -> tuple[np.ndarray, int]:
             if data[y][x] == CLAIMED:
                 continue
             mask: list[tuple[int, int]] = []
-            if flood(data, mask, x, y) >= min_size:
+            if flood(data, mask, x, y) > min_size:
                 masks.append(mask)
     regions = np.full(boundary.shape, -1, dtype=np.int32)
     for k, mask in enumerate(masks):
@@ -179,9 +233,15 @@ def dust_fill(probs, regions, new_threshold, join_threshold: float, impatience: 
     return mask_label[mapping]
 
 
+def boundary_regions(boundary_prob, boundary_threshold, gap_iterations, min_size, boundary_method="paper"):
+    """Threshold -> prepare_boundary ("paper") or close_gaps ("close_gaps") -> segment."""
+    boundary = np.asarray(boundary_prob, dtype=np.float64) >= boundary_threshold
+    ready = {"paper": prepare_boundary, "close_gaps": close_gaps}[boundary_method]
+    return segment(ready(boundary, gap_iterations), min_size)[0]
+
+
 def postprocess(probs, boundary_prob, boundary_threshold, gap_iterations, min_size, new_threshold,
-                join_threshold, impatience) -> tuple[np.ndarray, np.ndarray]:
-    """The chain for one image: threshold -> close_gaps -> segment -> dust_fill."""
-    boundary = close_gaps(np.asarray(boundary_prob, dtype=np.float64) >= boundary_threshold, gap_iterations)
-    regions, _ = segment(boundary, min_size)
+                join_threshold, impatience, boundary_method="paper") -> tuple[np.ndarray, np.ndarray]:
+    """The chain for one image: boundary_regions -> dust_fill; returns (labels, regions)."""
+    regions = boundary_regions(boundary_prob, boundary_threshold, gap_iterations, min_size, boundary_method)
     return dust_fill(probs, regions, new_threshold, join_threshold, impatience), regions

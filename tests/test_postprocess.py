@@ -1,6 +1,6 @@
-"""unet.postprocess (C++) against the plain Python reference of Algorithms 2-4 and independent
-oracles (NumPy, scipy.ndimage), plus the paper's claim that 2-thick boundaries let FLOOD recover
-the regions of a label map."""
+"""unet.postprocess (C++) against the plain Python reference of Algorithms 2-4 and of the paper
+author's boundary preparation, and independent oracles (NumPy, scipy.ndimage), plus the paper's
+claim that 2-thick boundaries let FLOOD recover the regions of a label map."""
 
 import numpy as np
 import pytest
@@ -62,6 +62,35 @@ def dust_fill_inputs(draw, max_side=12):
     join_threshold = draw(st.floats(0.001, 0.5))
     impatience = draw(st.floats(1.05, 3.0))
     return probs, regions, new_threshold, join_threshold, impatience
+
+
+@st.composite
+def segmented_outputs(draw):
+    """Inputs shaped like a network's output after SEGMENT: 1-400 regions (cells around random
+    seeds), 0-90% of the pixels unassigned, mostly in thick noisy bands along the cells' borders,
+    and probabilities that favour a label per cell; sometimes ids in another order, or ids of
+    regions left without a pixel."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    h, w = draw(st.integers(8, 40)), draw(st.integers(8, 40))
+    n_regions = min(draw(st.integers(1, 400)), h * w)
+    seeds = rng.integers(0, (h, w), size=(n_regions, 2))
+    yy, xx = np.mgrid[:h, :w]
+    distance = np.abs(yy - seeds[:, 0, None, None]) + np.abs(xx - seeds[:, 1, None, None])
+    regions = (distance + 2.0 * rng.random(distance.shape)).argmin(axis=0).astype(np.int32)
+    if draw(st.booleans()):
+        regions = rng.permutation(n_regions).astype(np.int32)[regions]
+    border = postprocess.boundary_from_labels(regions)
+    score = rng.random((h, w)) - draw(st.sampled_from([0.0, 0.5, 1.0])) * border
+    unassigned = draw(st.sampled_from([0.0, 0.05, 0.3, 0.5, 0.7, 0.9]))
+    regions.ravel()[np.argsort(score, axis=None)[: int(unassigned * h * w)]] = -1
+    num_labels = draw(st.integers(1, 8))
+    kind = draw(st.sampled_from(["smooth", "sharp", "coarse"]))
+    probs = _probabilities(rng, num_labels, (h, w), kind, draw(st.sampled_from([np.float32, np.float64])))
+    favoured = np.eye(num_labels)[np.where(regions >= 0, regions, rng.integers(0, n_regions, (h, w))) % num_labels]
+    probs = (probs + draw(st.sampled_from([0.0, 0.5, 2.0])) * favoured.transpose(2, 0, 1).astype(probs.dtype))
+    probs /= np.maximum(probs.sum(axis=0, keepdims=True), 1e-30)
+    new_threshold = draw(st.sampled_from([0.4, 0.6, 0.9, 1.1]))  # 1.1: nothing is promoted
+    return probs, regions, new_threshold, draw(st.floats(0.001, 0.5)), draw(st.floats(1.05, 3.0))
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -136,6 +165,88 @@ def test_close_gaps_closes_straight_and_diagonal_gaps(gap):
         closed = postprocess.close_gaps(broken, iterations)
         assert closed[line].all()
         assert postprocess.segment(closed, 1)[1] == 2
+
+
+# ----------------------------------------------------------------------------- prepare_boundary
+
+
+def _scipy_preparation(boundary, iterations):
+    """The author's steps with scipy.ndimage: an opening by a 2x2 square keeps exactly the pixels
+    of 2x2 blocks; frame; square dilation and diamond erosion on a canvas that holds the whole
+    dilation; the 12-neighbour re-opening; OR."""
+    h, w = boundary.shape
+    kept = ndimage.binary_opening(boundary, np.ones((2, 2), dtype=bool))
+    kept[0, :] = kept[-1, :] = kept[:, 0] = kept[:, -1] = True
+    n = iterations
+    yy, xx = np.mgrid[-n : n + 1, -n : n + 1]
+    canvas = np.pad(kept, n)
+    if n:
+        canvas = ndimage.binary_dilation(canvas, np.ones((2 * n + 1,) * 2, dtype=bool))
+        canvas = ndimage.binary_erosion(canvas, abs(yy) + abs(xx) <= n, border_value=1)
+    closed = canvas[n : n + h, n : n + w]
+    y2, x2 = np.mgrid[-2:3, -2:3]
+    ring = (abs(y2) + abs(x2) >= 1) & (abs(y2) + abs(x2) <= 2)
+    has_open_neighbour = ndimage.binary_dilation(~closed, ring, border_value=0)
+    return (closed & has_open_neighbour) | kept
+
+
+@SOME
+@given(boundaries(max_side=20), st.integers(0, 6))
+def test_prepare_boundary_matches_reference_and_scipy(boundary, iterations):
+    prepared = postprocess.prepare_boundary(boundary, iterations)
+    assert prepared.dtype == bool
+    assert np.array_equal(prepared, reference.prepare_boundary(boundary, iterations))
+    assert np.array_equal(prepared, _scipy_preparation(boundary, iterations))
+
+
+@FEW
+@given(boundaries(max_side=20), st.integers(0, 6))
+def test_prepare_boundary_keeps_blocks_and_frame(boundary, iterations):
+    prepared = postprocess.prepare_boundary(boundary, iterations)
+    assert prepared[0].all() and prepared[-1].all() and prepared[:, 0].all() and prepared[:, -1].all()
+    blocks = boundary[:-1, :-1] & boundary[:-1, 1:] & boundary[1:, :-1] & boundary[1:, 1:]
+    for dy in (0, 1):
+        for dx in (0, 1):
+            window = prepared[dy : dy + blocks.shape[0], dx : dx + blocks.shape[1]]
+            assert window[blocks].all(), "a pixel of a 2x2 block was dropped"
+
+
+@FEW
+@given(boundaries(max_side=8))
+def test_prepare_boundary_caps_iterations_at_the_larger_side(boundary):
+    expected = reference.prepare_boundary(boundary, max(boundary.shape))
+    assert np.array_equal(postprocess.prepare_boundary(boundary, 10**12), expected)
+
+
+def test_prepare_boundary_drops_speckle_and_thin_lines():
+    boundary = np.zeros((20, 20), dtype=bool)
+    boundary[5, 3:17] = True  # a 1-pixel line
+    boundary[12, 8] = boundary[14, 4] = True  # speckle
+    assert np.array_equal(postprocess.prepare_boundary(boundary, 0), postprocess.prepare_boundary(np.zeros_like(boundary), 0))
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+def test_prepare_boundary_closes_straight_gaps_and_reopens_blobs(iterations):
+    """A 2-thick wall with a gap of 2 * iterations pixels is whole again and splits the image in
+    two regions. A 2-thick ring around a hole 2 * iterations wide: the closing fills the hole,
+    the re-opening clears it again, so it stays a region of its own."""
+    wall = np.zeros((24, 30), dtype=bool)
+    wall[:, 10:12] = True
+    wall[8 : 8 + 2 * iterations, 10:12] = False
+    assert postprocess.segment(wall, 0)[1] == 1, "the gap lets the flood through"
+    closed = postprocess.prepare_boundary(wall, iterations)
+    assert closed[:, 10:12].all() and postprocess.segment(closed, 10)[1] == 2
+    ring = np.zeros((40, 40), dtype=bool)  # far enough from the frame not to close onto it
+    hole = np.s_[16 : 16 + 2 * iterations, 16 : 16 + 2 * iterations]
+    ring[14 : 18 + 2 * iterations, 14 : 18 + 2 * iterations] = True
+    ring[hole] = False
+    closed = reference.close_gaps(ring, iterations)  # a closing alone fills the hole
+    assert closed[hole].all()
+    prepared = postprocess.prepare_boundary(ring, iterations)
+    assert not prepared[hole].any(), "the hole is re-opened"
+    regions, _ = postprocess.segment(prepared, 3)
+    inside, outside = regions[hole][0, 0], regions[30, 30]
+    assert inside >= 0 and (regions[hole] == inside).all() and inside != outside
 
 
 # ----------------------------------------------------------------------------- segment
@@ -215,10 +326,22 @@ def test_segment_never_spans_two_labels(labels):
 def test_segment_no_boundary_is_one_region_all_boundary_is_singletons():
     regions, count = postprocess.segment(np.zeros((5, 7), dtype=bool), 10)
     assert count == 1 and (regions == 0).all()
-    regions, count = postprocess.segment(np.ones((5, 7), dtype=bool), 1)
+    regions, count = postprocess.segment(np.ones((5, 7), dtype=bool), 0)
     assert count == 35 and np.array_equal(regions.ravel(), np.arange(35))
-    regions, count = postprocess.segment(np.ones((5, 7), dtype=bool), 2)
+    regions, count = postprocess.segment(np.ones((5, 7), dtype=bool), 1)
     assert count == 0 and (regions == -1).all()
+
+
+@pytest.mark.parametrize("min_size", [1, 3, 10])
+def test_segment_keeps_regions_of_more_than_min_size(min_size):
+    """The paper author's rule: masks of more than min_size pixels stay. One row: min_size - 1
+    cells, a 2-thick wall, min_size cells; each side claims one wall cell, so the masks have
+    min_size and min_size + 1 pixels."""
+    row = np.array([False] * (min_size - 1) + [True, True] + [False] * min_size)[None]
+    regions, count = postprocess.segment(row, min_size)
+    assert count == 1 and (regions[0, :min_size] == -1).all() and (regions[0, min_size:] == 0).all()
+    assert postprocess.segment(row, min_size - 1)[1] == 2
+    assert same_partition(regions, reference.segment(row, min_size)[0])
 
 
 def test_segment_one_thick_boundary_does_not_stop_the_flood():
@@ -246,6 +369,32 @@ def test_segment_4096_square_serpentine():
     assert count == 1 and not regions.any()
 
 
+# ----------------------------------------------------------------------------- boundary_regions
+
+
+@FEW
+@given(boundaries(max_side=16), st.floats(0.05, 0.95), st.integers(0, 4), st.integers(0, 6),
+       st.sampled_from(postprocess.BOUNDARY_METHODS), st.integers(0, 2**32 - 1))
+def test_boundary_regions_matches_reference(boundary, threshold, gap_iterations, min_size, method, seed):
+    boundary_prob = np.random.default_rng(seed).random(boundary.shape).astype(np.float32)
+    regions = postprocess.boundary_regions(boundary_prob, threshold, gap_iterations, min_size, boundary_method=method)
+    expected = reference.boundary_regions(boundary_prob, threshold, gap_iterations, min_size, method)
+    assert regions.dtype == np.int32 and np.array_equal(regions, expected)
+    ready = postprocess.prepare_boundary if method == "paper" else postprocess.close_gaps
+    assert np.array_equal(regions, postprocess.segment(ready(boundary_prob >= threshold, gap_iterations), min_size)[0])
+
+
+def test_boundary_regions_default_is_the_paper_preparation():
+    boundary_prob = np.random.default_rng(5).random((3, 30, 40))
+    regions = postprocess.boundary_regions(boundary_prob)
+    paper = postprocess.boundary_regions(boundary_prob, boundary_method="paper")
+    close_gaps = postprocess.boundary_regions(boundary_prob, boundary_method="close_gaps")
+    assert np.array_equal(regions, paper) and not np.array_equal(regions, close_gaps)
+    with_channel = postprocess.boundary_regions(torch.from_numpy(boundary_prob[:, None]))
+    assert isinstance(with_channel, torch.Tensor) and np.array_equal(with_channel.numpy(), regions)
+    assert np.array_equal(postprocess.boundary_regions(boundary_prob[1]), regions[1])
+
+
 # ----------------------------------------------------------------------------- dust_fill / argmax
 
 
@@ -257,6 +406,15 @@ def test_dust_fill_matches_reference_exactly(inputs):
     expected = reference.dust_fill(probs, regions, new_threshold, join_threshold, impatience)
     assert labels.dtype == np.int64
     assert np.array_equal(labels, expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(segmented_outputs())
+def test_dust_fill_matches_reference_on_segmented_outputs(inputs):
+    """The frontier relaxation against the pseudo-code's stack and swap buffer: many regions, up
+    to 90% of the pixels waiting, every round order and relaxation speed."""
+    labels = postprocess.dust_fill(*inputs)
+    assert np.array_equal(labels, reference.dust_fill(*inputs))
 
 
 def test_dust_fill_covering_regions_take_their_pooled_argmax():
@@ -288,18 +446,20 @@ def test_argmax_labels_first_maximum(num_labels, h, w, kind, seed):
 
 
 @FEW
-@given(dust_fill_inputs(), st.floats(0.1, 0.9), st.integers(0, 3), st.integers(0, 2**32 - 1))
-def test_postprocess_matches_reference_chain(inputs, boundary_threshold, gap_iterations, seed):
+@given(dust_fill_inputs(), st.floats(0.1, 0.9), st.integers(0, 3), st.integers(0, 2**32 - 1),
+       st.sampled_from(postprocess.BOUNDARY_METHODS))
+def test_postprocess_matches_reference_chain(inputs, boundary_threshold, gap_iterations, seed, method):
     probs, _, new_threshold, join_threshold, impatience = inputs
     boundary_prob = np.random.default_rng(seed).random(probs.shape[1:])
     args = (boundary_threshold, gap_iterations, 3, new_threshold, join_threshold, impatience)
-    labels, regions = postprocess.postprocess(probs, boundary_prob, *args, return_regions=True)
-    expected_labels, expected_regions = reference.postprocess(probs, boundary_prob, *args)
+    labels, regions = postprocess.postprocess(probs, boundary_prob, *args, boundary_method=method, return_regions=True)
+    expected_labels, expected_regions = reference.postprocess(probs, boundary_prob, *args, method)
     assert np.array_equal(labels, expected_labels)
     assert np.array_equal(regions, expected_regions)
 
 
-def test_postprocess_matches_reference_on_a_noisy_prediction():
+@pytest.mark.parametrize("method", ["paper", "close_gaps"])
+def test_postprocess_matches_reference_on_a_noisy_prediction(method):
     """A 96x128 label map of overlapping shapes, a noisy softmax and a speckled boundary with gaps:
     the whole chain matches the reference exactly (labels and regions)."""
     rng = np.random.default_rng(7)
@@ -313,8 +473,8 @@ def test_postprocess_matches_reference_on_a_noisy_prediction():
     edge = reference.boundary_from_labels(labels)
     boundary_prob = np.clip(0.8 * edge + 0.3 * rng.random(edge.shape) - 0.4 * (rng.random(edge.shape) < 0.1), 0, 1)
     args = (0.5, 3, 10, 0.5, 0.05, 1.5)
-    labels_out, regions = postprocess.postprocess(probs, boundary_prob, *args, return_regions=True)
-    expected_labels, expected_regions = reference.postprocess(probs, boundary_prob, *args)
+    labels_out, regions = postprocess.postprocess(probs, boundary_prob, *args, boundary_method=method, return_regions=True)
+    expected_labels, expected_regions = reference.postprocess(probs, boundary_prob, *args, method)
     assert np.array_equal(regions, expected_regions) and regions.max() >= 3
     assert np.array_equal(labels_out, expected_labels)
 
@@ -349,7 +509,9 @@ def _batch_inputs():
 CALLS = {
     "boundary_from_labels": lambda p, b, l, m: postprocess.boundary_from_labels(l),
     "close_gaps": lambda p, b, l, m: postprocess.close_gaps(m, 2),
+    "prepare_boundary": lambda p, b, l, m: postprocess.prepare_boundary(m, 2),
     "segment": lambda p, b, l, m: postprocess.segment(m, 2)[0],
+    "boundary_regions": lambda p, b, l, m: postprocess.boundary_regions(b, gap_iterations=1, min_size=2),
     "dust_fill": lambda p, b, l, m: postprocess.dust_fill(p, postprocess.segment(m, 2)[0]),
     "argmax_labels": lambda p, b, l, m: postprocess.argmax_labels(p),
     "postprocess": lambda p, b, l, m: postprocess.postprocess(p, b, gap_iterations=1, min_size=2),
@@ -434,6 +596,16 @@ B = np.zeros((4, 5), dtype=bool)
         (lambda: postprocess.close_gaps(B, -1), ValueError, "iterations: expected a non-negative"),
         (lambda: postprocess.close_gaps(B, 1.5), TypeError, "iterations: expected an int"),
         (lambda: postprocess.close_gaps(B.astype(np.uint8), 1), TypeError, "boundary: expected bool"),
+        (lambda: postprocess.prepare_boundary(B, -1), ValueError, "iterations: expected a non-negative"),
+        (lambda: postprocess.prepare_boundary(B.astype(np.float32)), TypeError, "boundary: expected bool"),
+        (lambda: postprocess.prepare_boundary(np.zeros(4, dtype=bool)), ValueError, "boundary: expected shape"),
+        (lambda: postprocess.boundary_regions(np.zeros((4, 5)), boundary_method="scipy"), ValueError, "boundary_method: expected one of"),
+        (lambda: postprocess.boundary_regions(np.zeros((4, 5)), boundary_method=None), TypeError, "boundary_method: expected a str"),
+        (lambda: postprocess.boundary_regions(np.zeros((4, 5), dtype=bool)), TypeError, "boundary_prob: expected float32"),
+        (lambda: postprocess.boundary_regions(np.full((4, 5), np.nan)), ValueError, "boundary_prob: expected finite"),
+        (lambda: postprocess.boundary_regions(np.zeros((2, 3, 4, 5))), ValueError, "boundary_prob: expected shape"),
+        (lambda: postprocess.boundary_regions(np.zeros((4, 5)), min_size=-1), ValueError, "min_size"),
+        (lambda: postprocess.postprocess(P, np.zeros((4, 5)), boundary_method="Paper"), ValueError, "boundary_method"),
         (lambda: postprocess.segment(B, -3), ValueError, "min_size: expected a non-negative"),
         (lambda: postprocess.segment(np.zeros((1, 2, 3, 4), dtype=bool)), ValueError, "boundary: expected shape"),
         (lambda: postprocess.segment(np.zeros((4, 5))), TypeError, "boundary: expected bool"),
@@ -468,11 +640,40 @@ def test_bad_input_raises_naming_the_argument(call, error, message):
         call()
 
 
+def test_absurd_label_and_region_counts_are_refused_before_any_work():
+    """Statistics are regions x labels: counts whose product passes 2^28 fail with a clear error,
+    before the (broadcast, never materialized) probabilities are touched. (The kernel's own
+    check needs probabilities of over 2^28 values to trigger: regions never outnumber pixels.)"""
+    too_many_labels = torch.zeros(1, 1, 1).expand(postprocess.MAX_STATISTICS + 1, 2, 2)
+    with pytest.raises(ValueError, match="probs: expected at most 268435456 labels"):
+        postprocess.dust_fill(too_many_labels, np.zeros((2, 2), dtype=np.int32))
+    labels = 2**10
+    regions = np.arange(2**18 + 1, dtype=np.int32).reshape(1, -1)  # 2^18 + 1 regions
+    probs = torch.zeros(1, 1, 1).expand(labels, *regions.shape)
+    with pytest.raises(ValueError, match="dust_fill: 262145 regions x 1024 labels need 268436480 label statistics"):
+        postprocess.dust_fill(probs, regions)
+
+
+def test_many_labels_on_a_small_image():
+    """Memory is regions x labels, not labels squared: 20,000 labels on 4x4 pixels (the reference
+    keeps one-hot statistics per label, so it is not asked)."""
+    rng = np.random.default_rng(0)
+    probs = 0.5 * rng.dirichlet(np.ones(20000), size=(4, 4)).transpose(2, 0, 1).astype(np.float32)
+    probs[7, :, :2] += 0.5  # region 0 is label 7, region 1 label 19999; the middle column waits
+    probs[19999, :, 3] += 0.5
+    probs[[7, 19999], :, 2] += 0.25
+    regions = np.array([[0, 0, -1, 1]] * 4, dtype=np.int32)
+    labels = postprocess.dust_fill(probs, regions, new_threshold=1.1)
+    assert (labels[:, :2] == 7).all() and (labels[:, 3] == 19999).all() and set(labels[:, 2]) <= {7, 19999}
+
+
 def test_ops_check_their_inputs_too():
     """Direct torch.ops callers get the same kind of errors from the C++ checks."""
     with pytest.raises(ValueError, match="probs: expected a \\(B, L, H, W\\)"):
         torch.ops.unet.argmax_labels(torch.zeros(3, 3))
     with pytest.raises(TypeError, match="boundary: expected dtype"):
         torch.ops.unet.segment(torch.zeros(1, 3, 3), 1)
+    with pytest.raises(ValueError, match="boundary_method: expected 'paper' or 'close_gaps', got 'x'"):
+        torch.ops.unet.boundary_regions(torch.zeros(1, 3, 3), 0.5, "x", 1, 1)
     with pytest.raises(ValueError, match="impatience"):
         torch.ops.unet.dust_fill(torch.ones(1, 2, 3, 3), torch.zeros(1, 3, 3, dtype=torch.int32), torch.ones(2, dtype=torch.float64), 0.1, 0.5)

@@ -3,12 +3,17 @@
 From the network's label probabilities and boundary probability to one label per pixel:
 
 1. threshold the boundary probability (``boundary_prob >= boundary_threshold``);
-2. :func:`close_gaps`: dilate, then erode, ``gap_iterations`` times each, to close small gaps;
-3. :func:`segment`: FLOOD + SEGMENT (Algorithms 2-3) cut the image into regions; a boundary must
-   be two cells thick to stop a flood, which is what :func:`boundary_from_labels` produces;
+2. ready the boundary for the flood, closing small gaps (``boundary_method``):
+   :func:`prepare_boundary`, the paper author's preparation (the default), or :func:`close_gaps`,
+   a plain morphological closing;
+3. :func:`segment`: FLOOD + SEGMENT (Algorithms 2-3) cut the image into regions, keeping those of
+   more than ``min_size`` pixels; a boundary must be two cells thick to stop a flood, which is
+   what :func:`boundary_from_labels` produces;
 4. :func:`dust_fill`: DUST_FILL (Algorithm 4) pools the label statistics of each region, promotes
    confident leftover pixels, grows the masks over the remaining pixels, and gives each mask its
    most probable label.
+
+Steps 1-3 are :func:`boundary_regions`; :func:`postprocess` runs all four.
 
 Every function takes a single image or a batch, as torch tensors or NumPy arrays, and answers in
 kind (NumPy for NumPy, torch on the input's device for torch). Contiguous CPU input is not copied;
@@ -31,14 +36,19 @@ import torch
 import unet._C  # noqa: F401  (registers torch.ops.unet.*)
 
 # The paper's settings: a 5-pixel expand-contract, promotion threshold 0.5 for every label, join
-# threshold 0.05, impatience 1.5, regions of about 10 pixels at least; boundary thresholds of
-# 0.1-0.7 were used, 0.5 is the middle ground.
+# threshold 0.05, impatience 1.5, regions of more than 10 pixels; boundary thresholds of 0.1-0.7
+# were used, 0.5 is the middle ground.
 BOUNDARY_THRESHOLD = 0.5
+BOUNDARY_METHODS = ("paper", "close_gaps")
+BOUNDARY_METHOD = "paper"
 GAP_ITERATIONS = 5
 MIN_SIZE = 10
 NEW_THRESHOLD = 0.5
 JOIN_THRESHOLD = 0.05
 IMPATIENCE = 1.5
+
+# DUST_FILL keeps regions x labels statistics and refuses more than this many (also as labels).
+MAX_STATISTICS = 2**28
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _UNSIGNED_AS_SIGNED = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
@@ -183,14 +193,41 @@ def close_gaps(boundary, iterations: int = GAP_ITERATIONS):
     return source.give_back(out[0] if single else out)
 
 
+def prepare_boundary(boundary, iterations: int = GAP_ITERATIONS):
+    """The paper author's boundary preparation of a bool boundary map ``(H, W)`` / ``(B, H, W)``.
+
+    1. keeps only boundary pixels that belong to a 2x2 block of boundary pixels (drops speckle and
+       one-pixel lines, which cannot stop a flood anyway);
+    2. makes the image's outermost rows and columns boundary (a frame, so gaps between a boundary
+       and the image's edge close too);
+    3. closes gaps: dilates by the square of radius ``iterations`` (``2 * iterations + 1`` wide),
+       then erodes by the diamond (city-block ball) of the same radius, the image lying on an
+       endless plane of non-boundary pixels. Straight gaps of up to ``2 * iterations`` pixels
+       close; the erosion's smaller shape also fills concave corners and narrow regions;
+    4. re-opens what the closing filled: clears the pixels whose 12 neighbours at city-block
+       distance 1 or 2 are all boundary (pixels outside the image count as boundary), leaving a
+       2-pixel shell around each filled blob;
+    5. ORs the result with the mask of steps 1-2, so no kept boundary pixel is lost.
+
+    Iterations beyond the image's larger side count as that side. Returns a bool map.
+    """
+    source = _Input(boundary, "boundary")
+    _check_dtype(source.tensor, "boundary", (torch.bool,), "bool")
+    batch, single = _batched(source.tensor, "boundary", 2, "(H, W)")
+    out = torch.ops.unet.prepare_boundary(batch, _count(iterations, "iterations"))
+    return source.give_back(out[0] if single else out)
+
+
 def segment(boundary, min_size: int = MIN_SIZE):
     """FLOOD + SEGMENT (Algorithms 2-3) on a bool boundary map ``(H, W)`` or ``(B, H, W)``.
 
     Floods 4-connected regions from the first unclaimed pixel in scan order; a boundary cell may
-    be claimed but never claims another boundary cell. Regions under ``min_size`` pixels are
-    dropped (their pixels stay unassigned). Returns ``(regions, count)``: an int32 map with region
-    ids 0, 1, ... in scan order of each region's first pixel and -1 where unassigned, and the
-    number of regions (an int for one image, an int64 array of shape (B,) for a batch).
+    be claimed but never claims another boundary cell. Regions of ``min_size`` pixels or fewer
+    are dropped (their pixels stay unassigned): the rule of the paper author's code, which keeps
+    masks of more than 10 pixels (Algorithm 3's pseudo-code writes ``mass >= T``). Returns
+    ``(regions, count)``: an int32 map with region ids 0, 1, ... in scan order of each region's
+    first pixel and -1 where unassigned, and the number of regions (an int for one image, an int64
+    array of shape (B,) for a batch).
     """
     source = _Input(boundary, "boundary")
     _check_dtype(source.tensor, "boundary", (torch.bool,), "bool (threshold probabilities first)")
@@ -201,7 +238,67 @@ def segment(boundary, min_size: int = MIN_SIZE):
     return source.give_back(regions), source.give_back(counts)
 
 
+def _method(boundary_method) -> str:
+    if not isinstance(boundary_method, str):
+        raise TypeError(f"boundary_method: expected a str, got {type(boundary_method).__name__}")
+    if boundary_method not in BOUNDARY_METHODS:
+        raise ValueError(f"boundary_method: expected one of {BOUNDARY_METHODS}, got {boundary_method!r}")
+    return boundary_method
+
+
+def _boundary_regions(boundary_batch: torch.Tensor, boundary_threshold, gap_iterations, min_size, boundary_method):
+    """boundary_regions on a (B, H, W) tensor, after checking every argument."""
+    _check_dtype(boundary_batch, "boundary_prob", _FLOAT_DTYPES, "float32 or float64")
+    return torch.ops.unet.boundary_regions(
+        boundary_batch,
+        _real(boundary_threshold, "boundary_threshold"),
+        _method(boundary_method),
+        _count(gap_iterations, "gap_iterations"),
+        _count(min_size, "min_size"),
+    )
+
+
+def boundary_regions(
+    boundary_prob,
+    boundary_threshold: float = BOUNDARY_THRESHOLD,
+    gap_iterations: int = GAP_ITERATIONS,
+    min_size: int = MIN_SIZE,
+    *,
+    boundary_method: str = BOUNDARY_METHOD,
+):
+    """Regions from the boundary probability: threshold -> ready the boundary -> :func:`segment`.
+
+    ``boundary_prob`` float32 or float64, finite: ``(H, W)``, ``(B, H, W)`` or, as the boundary
+    head gives it, ``(B, 1, H, W)``. The boundary is ``boundary_prob >= boundary_threshold``,
+    readied by ``boundary_method``: ``"paper"`` (:func:`prepare_boundary`, the default) or
+    ``"close_gaps"`` (:func:`close_gaps`), with ``gap_iterations``; regions of more than
+    ``min_size`` pixels are kept. Returns the int32 region map ``(H, W)`` / ``(B, H, W)`` of
+    :func:`segment`: ids 0, 1, ... in scan order, -1 where unassigned (the region count is
+    ``regions.max() + 1``). The first three steps of :func:`postprocess`, exactly.
+    """
+    source = _Input(boundary_prob, "boundary_prob")
+    tensor = source.tensor
+    if tensor.dim() == 4 and tensor.shape[1] == 1:
+        tensor = tensor.squeeze(1)  # the boundary head's channel
+    batch, single = _batched(tensor, "boundary_prob", 2, "(H, W)")
+    regions = _boundary_regions(batch, boundary_threshold, gap_iterations, min_size, boundary_method)
+    return source.give_back(regions[0] if single else regions)
+
+
+def _check_statistics(num_labels: int, regions: torch.Tensor) -> None:
+    """DUST_FILL's memory is regions x labels statistics: refuse absurd counts before any work
+    (the kernel checks too, but only after making the probabilities contiguous)."""
+    num_regions = int(regions.max()) + 1 if regions.numel() else 0
+    if num_regions * num_labels > MAX_STATISTICS:
+        raise ValueError(
+            f"dust_fill: {num_regions} regions x {num_labels} labels need {num_regions * num_labels} label "
+            f"statistics, more than the {MAX_STATISTICS} supported (a larger min_size keeps fewer regions)"
+        )
+
+
 def _dust_fill_parameters(new_threshold, join_threshold, impatience, num_labels: int):
+    if num_labels > MAX_STATISTICS:
+        raise ValueError(f"probs: expected at most {MAX_STATISTICS} labels, got {num_labels}")
     return (
         _thresholds(new_threshold, num_labels),
         _real(join_threshold, "join_threshold", above=0.0),
@@ -235,6 +332,7 @@ def dust_fill(
             raise ValueError("regions: expected ids in [-1, H*W) (-1 = unassigned)")
         regions_batch = regions_batch.to(torch.int32)
     parameters = _dust_fill_parameters(new_threshold, join_threshold, impatience, probs_batch.shape[1])
+    _check_statistics(probs_batch.shape[1], regions_batch)
     labels = torch.ops.unet.dust_fill(probs_batch, regions_batch, *parameters)
     return source.give_back(labels[0] if single else labels)
 
@@ -256,9 +354,11 @@ def postprocess(
     join_threshold: float = JOIN_THRESHOLD,
     impatience: float = IMPATIENCE,
     *,
+    boundary_method: str = BOUNDARY_METHOD,
     return_regions: bool = False,
 ):
-    """The whole chain: threshold -> :func:`close_gaps` -> :func:`segment` -> :func:`dust_fill`.
+    """The whole chain: :func:`boundary_regions` (threshold -> :func:`prepare_boundary` or
+    :func:`close_gaps` -> :func:`segment`), then :func:`dust_fill`.
 
     ``probs`` ``(L, H, W)`` / ``(B, L, H, W)``; ``boundary_prob`` ``(H, W)`` / ``(B, H, W)``, or
     with the boundary head's channel, ``(1, H, W)`` / ``(B, 1, H, W)``; float32 or float64.
@@ -270,15 +370,10 @@ def postprocess(
     if boundary.dim() == probs_batch.dim() - single and boundary.shape[-3] == 1:
         boundary = boundary.squeeze(-3)  # the boundary head's channel
     boundary_batch = _image_map(boundary, "boundary_prob", probs_batch, single)
-    _check_dtype(boundary_batch, "boundary_prob", _FLOAT_DTYPES, "float32 or float64")
-    labels, regions = torch.ops.unet.postprocess(
-        probs_batch,
-        boundary_batch,
-        _real(boundary_threshold, "boundary_threshold"),
-        _count(gap_iterations, "gap_iterations"),
-        _count(min_size, "min_size"),
-        *_dust_fill_parameters(new_threshold, join_threshold, impatience, probs_batch.shape[1]),
-    )
+    parameters = _dust_fill_parameters(new_threshold, join_threshold, impatience, probs_batch.shape[1])
+    regions = _boundary_regions(boundary_batch, boundary_threshold, gap_iterations, min_size, boundary_method)
+    _check_statistics(probs_batch.shape[1], regions)
+    labels = torch.ops.unet.dust_fill(probs_batch, regions, *parameters)
     if single:
         labels, regions = labels[0], regions[0]
     if return_regions:

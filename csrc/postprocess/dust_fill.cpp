@@ -1,31 +1,57 @@
 // DUST_FILL (paper section 7.3, Algorithm 4) and the plain argmax baseline.
 //
 // Masks 0..M-1 are the regions of SEGMENT; masks M..M+L-1 collect the promoted pixels of each
-// label and keep one-hot statistics. (The pseudo-code's `mapping[s, t] <- label` for a promoted
-// pixel is read as `M + label`, the mask it has just set.) All arithmetic is in double, in a fixed
-// order (sums run over labels 0..L-1, statistics accumulate pixels in the order they join, a
-// vector is normalized by multiplying with the reciprocal of its sum, or zero when the sum is
-// zero), which tests/postprocess_reference.py reproduces exactly.
+// label and keep one-hot statistics, which are never stored. (The pseudo-code's
+// `mapping[s, t] <- label` for a promoted pixel is read as `M + label`, the mask it has just set.)
+// All arithmetic is in double, in a fixed order (sums run over labels 0..L-1, statistics
+// accumulate pixels in the order they join, a vector is normalized by multiplying with the
+// reciprocal of its sum, or zero when the sum is zero), which tests/postprocess_reference.py
+// reproduces exactly.
+//
+// The relaxation visits only the waiting pixels that border a mask, in the pseudo-code's order.
+// Its stack holds the waiting pixels in scan order; a round pops them all and pushes those that
+// stay onto the swap buffer, the next round's stack: so even rounds visit the waiting pixels in
+// reverse scan order, odd rounds in scan order, and a pixel that joins a mask is seen by the
+// pixels visited after it in the same round. A pixel that borders no mask goes back unchanged,
+// so skipping it changes nothing. The pixels a round visits are those that bordered a mask when
+// it began (a list sorted in the round's order) and those a join makes border one: the neighbour
+// next in the same row (visited right after the join), the one in the row visited next (a queue
+// that stays sorted, since joins come in order), and those already passed (the next round's).
+// Each round costs the pixels it visits, so the whole relaxation is linear in the visits.
+//
+// A visit needs the distances only when they decide something. Between two visits of a pixel
+// they change only as far as the bordering regions' normalized statistics drift (unless a new
+// mask comes to border it), and a region's mass growth bounds that drift: adding mass s to mass
+// T moves the normalized statistics at most 2s/(T+s) in L1. So a pixel remembers its last exact
+// distances and the regions' masses then; a visit whose verdict these bounds settle (no mask
+// close enough, or one mask surely the closest and close enough) takes it without computing a
+// distance, and `sure_until` spares even the bounds while the threshold stays below them.
 #include "postprocess.h"
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <memory>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 namespace unet_postprocess {
 namespace {
 
-constexpr int32_t kNoNeighbour = -2;  // no 4-neighbour belongs to a mask yet
-constexpr int32_t kNoMatch = -1;      // neighbours in masks, none close enough
+// DUST_FILL keeps regions x labels statistics (twice: sums and normalized); beyond this many, or
+// this many labels, it refuses the image before allocating anything. Also keeps mask ids
+// (regions + labels) within int32.
+constexpr int64_t kMaxStatistics = int64_t(1) << 28;
 
-// A pixel waiting for a mask: its position, where its probabilities were copied, its patience.
-struct Pending {
-  int32_t y, x;
-  int64_t slot;
-  double patience;
-};
+constexpr int32_t kNoMatch = -1;    // bordering masks, none close enough
+constexpr int32_t kUnsettled = -2;  // the bounds settle nothing: compute the distances
+
+// Bounds on distances are widened by this much: far more than the rounding of distances (sums of
+// L <= 2^28 terms below 2) and of masses (sums of at most 2^32 non-negative terms) can move them.
+constexpr double kBoundMargin = 1e-5;
+
+// A pixel remembers at most this many bordering masks (more are rare: it is evaluated each visit).
+constexpr int kRemembered = 2;
 
 // Scales `values` to sum 1, or to zeros when they sum to 0.
 template <typename value_t>
@@ -36,108 +62,156 @@ void normalize(const value_t* values, int64_t n, double* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(values[i]) * inverse;
 }
 
-double l1_distance(const double* a, const double* b, int64_t n) {
-  double d = 0.0;
-  for (int64_t i = 0; i < n; ++i) d += std::abs(a[i] - b[i]);
-  return d;
-}
+// A pixel left unassigned by SEGMENT and not promoted: what each visit reads.
+struct Waiting {
+  int64_t visit_round = -1;  // the round whose visit list holds it, if any
+  int64_t sure_until = 0;    // visits before this round fail while no region passes its wake mass
+  double patience = 1.0;
+  int32_t remembered = 0;  // masks remembered by the last exact visit; 0 until then, or after a new one borders
+  int32_t mask[kRemembered];
+  double wake_mass[kRemembered];  // sure_until holds while the region's mass stays at most this
+};
+
+// What an exact visit reads, and remembers for the visits after.
+struct Remembered {
+  double mass;     // sum of the pixel's probabilities
+  double inverse;  // 1 / mass, or 0: normalizes them
+  double distance[kRemembered];   // exact, at the last exact visit
+  double mass_then[kRemembered];  // the region's mass at that visit
+};
+
+// Pixel positions in the order a round visits them, and the next round's list built from the
+// three streams (each sorted in this round's order) that a round produces.
+class RoundOrder {
+ public:
+  explicit RoundOrder(int64_t round) : descending_(round % 2 == 0) {}
+  bool before(int64_t a, int64_t b) const { return descending_ ? a > b : a < b; }
+  // Merges the streams into `out`, sorted for the next round (the opposite order).
+  void next_round(const std::vector<int32_t>& a, const std::vector<int32_t>& b, const std::vector<int32_t>& c,
+                  std::vector<int32_t>& scratch, std::vector<int32_t>& out) const {
+    const auto order = [this](int32_t x, int32_t y) { return before(x, y); };
+    scratch.resize(a.size() + b.size());
+    std::merge(a.begin(), a.end(), b.begin(), b.end(), scratch.begin(), order);
+    out.resize(scratch.size() + c.size());
+    std::merge(scratch.begin(), scratch.end(), c.begin(), c.end(), out.begin(), order);
+    std::reverse(out.begin(), out.end());
+  }
+
+ private:
+  bool descending_;
+};
 
 template <typename prob_t>
 class DustFill {
  public:
   DustFill(const prob_t* probs, const int32_t* regions, int64_t num_labels, int64_t height, int64_t width)
-      : probs_(probs), L_(num_labels), H_(height), W_(width), HW_(height * width),
-        mapping_(regions, regions + height * width), pixel_(num_labels) {
-    M_ = count_masks(regions);
-    stats_.assign((M_ + L_) * L_, 0.0);
+      : probs_(probs), L_(num_labels), H_(height), W_(width), HW_(height * width) {
+    const int64_t unassigned = count_masks(regions);
+    stats_.assign(M_ * L_, 0.0);
+    normalized_.assign(M_ * L_, 0.0);
+    fresh_.assign(M_, 0);
+    mass_.assign(M_, 0.0);
+    zeros_.assign(L_, 0.0);
+    mapping_.assign(regions, regions + HW_);
+    unassigned_.reserve(unassigned);
+    for (int64_t p = 0; p < HW_; ++p) {
+      if (regions[p] < 0) unassigned_.push_back(static_cast<int32_t>(p));
+    }
     read_probabilities(regions);
-    for (int64_t l = 0; l < L_; ++l) stats_[(M_ + l) * L_ + l] = 1.0;
-    normalized_.assign(stats_.size(), 0.0);
-    fresh_.assign(M_ + L_, 0);
+    for (int64_t k = 0; k < M_; ++k) {
+      for (int64_t l = 0; l < L_; ++l) mass_[k] += stats_[k * L_ + l];
+    }
   }
 
   // Returns false when nothing is mapped after promotion: no pixel could ever border a mask and
   // Algorithm 4 would not terminate.
   bool run(const double* new_threshold, double join_threshold, double impatience) {
-    std::vector<Pending> stack = promote_confident_pixels(new_threshold);
-    if (!stack.empty() && M_ == 0 && promoted_ == 0) return false;
-    std::vector<Pending> swap;
-    while (!stack.empty()) {
-      while (!stack.empty()) {
-        Pending item = stack.back();
-        stack.pop_back();
-        const int32_t mask = closest_mask(item, join_threshold);
-        if (mask == kNoNeighbour) {
-          swap.push_back(item);
-        } else if (mask == kNoMatch) {
-          item.patience *= impatience;
-          swap.push_back(item);
-        } else {
-          join(item, mask);
-        }
-      }
-      std::swap(stack, swap);
-    }
+    promote_confident_pixels(new_threshold);
+    if (waiting_.empty()) return true;
+    if (M_ == 0 && promoted_ == 0) return false;
+    std::vector<int32_t> visits = bordering_waiting_pixels();
+    for (int64_t round = 0; !visits.empty(); ++round) relax(round, join_threshold, impatience, visits);
     return true;
   }
 
   // Each pixel gets the most probable label of its mask's statistics (the first one on ties).
   void write_labels(int64_t* out) const {
     std::vector<int64_t> mask_label(M_ + L_);
-    for (int64_t k = 0; k < M_ + L_; ++k) {
+    for (int64_t k = 0; k < M_; ++k) {
       const double* s = &stats_[k * L_];
-      int64_t best = 0;
-      for (int64_t l = 1; l < L_; ++l) best = s[l] > s[best] ? l : best;
-      mask_label[k] = best;
+      mask_label[k] = std::max_element(s, s + L_) - s;
     }
+    for (int64_t l = 0; l < L_; ++l) mask_label[M_ + l] = l;
     for (int64_t p = 0; p < HW_; ++p) out[p] = mask_label[mapping_[p]];
   }
 
  private:
-  // Validates the ids, counts the regions and lists the unassigned pixels in scan order.
+  // Validates the ids and sets M_, before anything is allocated; returns the unassigned count.
   int64_t count_masks(const int32_t* regions) {
     int32_t largest = -1, smallest = -1;
+    int64_t unassigned = 0;
     for (int64_t p = 0; p < HW_; ++p) {
       largest = std::max(largest, regions[p]);
       smallest = std::min(smallest, regions[p]);
-      if (regions[p] < 0) unassigned_.push_back(p);
+      unassigned += regions[p] < 0;
     }
     TORCH_CHECK_VALUE(
         smallest >= -1 && largest < HW_, "regions: expected ids in [-1, H*W) (-1 = unassigned), got ids from ",
         smallest, " to ", largest);
-    return static_cast<int64_t>(largest) + 1;
+    M_ = static_cast<int64_t>(largest) + 1;
+    TORCH_CHECK_VALUE(L_ <= kMaxStatistics, "probs: expected at most ", kMaxStatistics, " labels, got ", L_);
+    TORCH_CHECK_VALUE(
+        M_ * L_ <= kMaxStatistics, "dust_fill: ", M_, " regions x ", L_, " labels need ", M_ * L_,
+        " label statistics, more than the ", kMaxStatistics, " supported (a larger min_size keeps fewer regions)");
+    return unassigned;
   }
 
   // One streaming pass over the label planes, in blocks of labels: sums each region's
-  // probabilities per label in scan order, and copies the unassigned pixels' probabilities next
-  // to each other (the only ones read again, and read whole: promotion validates them). Region
-  // pixels are validated without a branch per value: NaN and infinities show in the sums,
-  // negative values in the smallest value seen.
+  // probabilities per label in scan order; copies the unassigned pixels' probabilities next to
+  // each other (the waiting ones are read again at every exact visit; the copy is at most the
+  // input's size and spares gathering them from every plane), and finds each one's most probable
+  // label and mass. Values are validated without a branch per value: NaN and infinities of
+  // region pixels show in the sums, negative values in the smallest value seen.
   void read_probabilities(const int32_t* regions) {
     constexpr int64_t kBlock = 8;
-    unassigned_probs_.resize(unassigned_.size() * L_);
-    prob_t lowest = 0;
+    const size_t unassigned = unassigned_.size();
+    unassigned_probs_.reset(new prob_t[unassigned * L_]);  // not zeroed: every value is written
+    best_label_.assign(unassigned, 0);
+    unassigned_mass_.assign(unassigned, 0.0);
+    bool valid = true;
     int64_t l = 0;
-    for (; l + kBlock <= L_; l += kBlock) lowest = std::min(lowest, read_label_block<kBlock>(regions, l));
-    for (; l < L_; ++l) lowest = std::min(lowest, read_label_block<1>(regions, l));
-    bool valid = lowest >= 0;
+    for (; l + kBlock <= L_; l += kBlock) read_label_block<kBlock>(regions, l, valid);
+    for (; l < L_; ++l) read_label_block<1>(regions, l, valid);
     for (const double sum : stats_) valid &= std::isfinite(sum);
     check_probabilities(valid);
   }
 
-  // Region sums stay in registers along each run of one region. Returns the smallest value read.
+  // Region sums stay in registers along each run of one region. ANDs the values' validity into
+  // `valid`.
   template <int64_t kBlock>
-  prob_t read_label_block(const int32_t* regions, int64_t first_label) {
+  void read_label_block(const int32_t* regions, int64_t first_label, bool& valid) {
     const prob_t* planes = probs_ + first_label * HW_;
-    prob_t* copy = unassigned_probs_.data() + first_label;
+    prob_t* copy = unassigned_probs_.get() + first_label;
     prob_t lowest[kBlock] = {};
-    int64_t p = 0;
+    bool unassigned_valid = true;
+    int64_t p = 0, u = 0;
     while (p < HW_) {
       const int32_t k = regions[p];
       if (k < 0) {
-        for (int64_t j = 0; j < kBlock; ++j) copy[j] = planes[j * HW_ + p];
+        const prob_t* row = copy - first_label;
+        int32_t label = best_label_[u];
+        double mass = unassigned_mass_[u];
+        for (int64_t j = 0; j < kBlock; ++j) {
+          const prob_t v = planes[j * HW_ + p];
+          copy[j] = v;
+          unassigned_valid &= is_probability(v);
+          mass += static_cast<double>(v);
+          label = v > row[label] ? static_cast<int32_t>(first_label + j) : label;  // the first maximum
+        }
+        best_label_[u] = label;
+        unassigned_mass_[u] = mass;
         copy += L_;
-        ++p;
+        ++p, ++u;
         continue;
       }
       double* s = &stats_[k * L_ + first_label];
@@ -152,67 +226,263 @@ class DustFill {
       }
       for (int64_t j = 0; j < kBlock; ++j) s[j] = sum[j];
     }
-    return *std::min_element(lowest, lowest + kBlock);
+    valid &= unassigned_valid && *std::min_element(lowest, lowest + kBlock) >= 0;
   }
 
-  const prob_t* unassigned_probs(int64_t slot) const { return unassigned_probs_.data() + slot * L_; }
-
-  // First pass: unmapped pixels whose most probable label reaches its threshold join that label's
-  // mask; the others are stacked, in scan order, with patience 1.
-  std::vector<Pending> promote_confident_pixels(const double* new_threshold) {
-    std::vector<Pending> stack;
-    bool valid = true;
-    for (const prob_t v : unassigned_probs_) valid &= is_probability(v);
-    check_probabilities(valid);
-    for (int64_t slot = 0; slot < static_cast<int64_t>(unassigned_.size()); ++slot) {
-      const prob_t* v = unassigned_probs(slot);
-      const int64_t label = std::max_element(v, v + L_) - v;  // the first maximum
-      const int64_t p = unassigned_[slot];
+  // First pass: unassigned pixels whose most probable label reaches its threshold join that
+  // label's mask; the others wait, in scan order, their probabilities moved to the copy's front.
+  // A waiting pixel's mapping is ~slot (negative).
+  void promote_confident_pixels(const double* new_threshold) {
+    waiting_.reserve(unassigned_.size());
+    remembered_.reserve(unassigned_.size());
+    waiting_pixels_.reserve(unassigned_.size());
+    for (size_t u = 0; u < unassigned_.size(); ++u) {
+      const prob_t* v = &unassigned_probs_[u * L_];
+      const int32_t p = unassigned_[u], label = best_label_[u];
       if (static_cast<double>(v[label]) >= new_threshold[label]) {
         mapping_[p] = static_cast<int32_t>(M_ + label);
         ++promoted_;
+        continue;
+      }
+      const int32_t slot = static_cast<int32_t>(waiting_.size());
+      mapping_[p] = ~slot;
+      std::copy(v, v + L_, &unassigned_probs_[slot * L_]);  // slot <= u: moves forward only
+      const double mass = unassigned_mass_[u];
+      waiting_.emplace_back();
+      remembered_.push_back({mass, mass > 0.0 ? 1.0 / mass : 0.0});  // the inverse as normalize() computes it
+      waiting_pixels_.push_back(p);
+    }
+  }
+
+  bool is_waiting(int64_t p) const { return mapping_[p] < 0; }
+  int32_t slot_of(int64_t p) const { return ~mapping_[p]; }
+  const prob_t* probabilities(int32_t slot) const { return &unassigned_probs_[slot * L_]; }
+
+  // Round 0's visits: the waiting pixels that border a mask, in reverse scan order.
+  std::vector<int32_t> bordering_waiting_pixels() {
+    std::vector<int32_t> visits;
+    for (int64_t slot = static_cast<int64_t>(waiting_.size()) - 1; slot >= 0; --slot) {
+      int32_t neighbours[4];
+      const int n = neighbours_of(waiting_pixels_[slot], neighbours);
+      bool borders = false;
+      for (int i = 0; i < n; ++i) borders |= !is_waiting(neighbours[i]);
+      if (borders) {
+        waiting_[slot].visit_round = 0;
+        visits.push_back(waiting_pixels_[slot]);
+      }
+    }
+    return visits;
+  }
+
+  // The 4-neighbours inside the image, in the pseudo-code's order (y+1,x), (y-1,x), (y,x+1), (y,x-1).
+  int neighbours_of(int64_t p, int32_t* out) const {
+    const int64_t y = p / W_, x = p % W_;
+    int n = 0;
+    if (y + 1 < H_) out[n++] = static_cast<int32_t>(p + W_);
+    if (y > 0) out[n++] = static_cast<int32_t>(p - W_);
+    if (x + 1 < W_) out[n++] = static_cast<int32_t>(p + 1);
+    if (x > 0) out[n++] = static_cast<int32_t>(p - 1);
+    return n;
+  }
+
+  // One round: visits `visits` (sorted in the round's order) and the pixels joins make border a
+  // mask ahead of the visit; leaves the next round's visits in `visits`.
+  void relax(int64_t round, double join_threshold, double impatience, std::vector<int32_t>& visits) {
+    const RoundOrder order(round);
+    row_ahead_.clear();
+    failed_.clear();
+    side_behind_.clear();
+    row_behind_.clear();
+    size_t next_visit = 0, next_row_ahead = 0;
+    int32_t side_ahead = -1;  // the neighbour in the same row just after a join, if it waits
+    while (true) {
+      int32_t p;
+      if (side_ahead >= 0) {
+        p = side_ahead;  // no other pixel comes between a pixel and its neighbour
+        side_ahead = -1;
+      } else if (next_visit < visits.size() &&
+                 (next_row_ahead == row_ahead_.size() || order.before(visits[next_visit], row_ahead_[next_row_ahead]))) {
+        p = visits[next_visit++];
+      } else if (next_row_ahead < row_ahead_.size()) {
+        p = row_ahead_[next_row_ahead++];
       } else {
-        stack.push_back({static_cast<int32_t>(p / W_), static_cast<int32_t>(p % W_), slot, 1.0});
+        break;
+      }
+      const int32_t slot = slot_of(p);
+      Waiting& w = waiting_[slot];
+      const int32_t mask = decide(p, slot, round, join_threshold, impatience);
+      if (mask == kNoMatch) {
+        w.patience *= impatience;
+        w.visit_round = round + 1;
+        failed_.push_back(p);
+        continue;
+      }
+      join(p, slot, mask);
+      int32_t neighbours[4];
+      const int n = neighbours_of(p, neighbours);
+      for (int i = 0; i < n; ++i) {
+        const int32_t q = neighbours[i];
+        if (!is_waiting(q)) continue;
+        Waiting& v = waiting_[slot_of(q)];
+        if (std::find(v.mask, v.mask + v.remembered, mask) == v.mask + v.remembered) {
+          v.remembered = 0;  // a new mask borders it: what it remembers no longer covers its masks
+          v.sure_until = 0;
+        }
+        const bool same_row = q == p + 1 || q == p - 1;
+        if (order.before(p, q)) {  // visited later in this round
+          if (v.visit_round == round) continue;
+          v.visit_round = round;
+          if (same_row) {
+            side_ahead = q;
+          } else {
+            row_ahead_.push_back(q);
+          }
+        } else if (v.visit_round != round + 1) {
+          v.visit_round = round + 1;
+          (same_row ? side_behind_ : row_behind_).push_back(q);
+        }
       }
     }
-    return stack;
+    order.next_round(failed_, side_behind_, row_behind_, scratch_, visits);
   }
 
-  // Of the masks among the 4-neighbours, in the order (y+1,x), (y-1,x), (y,x+1), (y,x-1), the
-  // first with the smallest distance below join_threshold * patience. A mask seen twice gives the
-  // same distance, which can never win the second time, so it is evaluated once.
-  int32_t closest_mask(const Pending& item, double join_threshold) {
-    const int32_t ys[4] = {item.y + 1, item.y - 1, item.y, item.y};
-    const int32_t xs[4] = {item.x, item.x, item.x + 1, item.x - 1};
-    int32_t seen[4];
-    int n_seen = 0;
+  // The mask the pixel joins at this visit, or kNoMatch: from what it remembers when that
+  // settles it, from the exact distances otherwise.
+  int32_t decide(int64_t p, int32_t slot, int64_t round, double join_threshold, double impatience) {
+    Waiting& w = waiting_[slot];
+    if (surely_fails(w, round)) return kNoMatch;
+    const double limit = join_threshold * w.patience;
+    const int32_t settled = w.remembered > 0 ? settle(w, remembered_[slot], limit) : kUnsettled;
+    if (settled == kNoMatch) schedule(w, remembered_[slot], round, join_threshold, impatience);
+    if (settled != kUnsettled) return settled;
+    return closest_mask(p, slot, round, join_threshold, impatience);
+  }
+
+  bool surely_fails(const Waiting& w, int64_t round) const {
+    if (round >= w.sure_until) return false;
+    for (int k = 0; k < w.remembered; ++k) {
+      if (w.mask[k] < M_ && mass_[w.mask[k]] > w.wake_mass[k]) return false;
+    }
+    return true;
+  }
+
+  // The exact visit's verdict where the remembered distances, widened by the drift since, settle
+  // it: kNoMatch when every distance stays at or above `limit`, a mask when its distance stays
+  // below `limit` and below every other, kUnsettled otherwise.
+  int32_t settle(const Waiting& w, const Remembered& r, double limit) const {
+    double low[kRemembered], high[kRemembered];
+    for (int k = 0; k < w.remembered; ++k) {
+      double drift = 0.0;
+      if (w.mask[k] < M_) {
+        const double mass = mass_[w.mask[k]];
+        drift = mass > r.mass_then[k] ? 2.0 * (mass - r.mass_then[k]) / mass : 0.0;
+      }
+      low[k] = r.distance[k] - drift - kBoundMargin;
+      high[k] = r.distance[k] + drift + kBoundMargin;
+    }
+    const int closest = static_cast<int>(std::min_element(high, high + w.remembered) - high);
+    bool fails = true, closest_wins = high[closest] < limit;
+    for (int k = 0; k < w.remembered; ++k) {
+      fails &= low[k] >= limit;
+      closest_wins &= k == closest || low[k] > high[closest];
+    }
+    return fails ? kNoMatch : closest_wins ? w.mask[closest] : kUnsettled;
+  }
+
+  // Of the masks among p's 4-neighbours, in neighbours_of's order, the first with the smallest
+  // distance below join_threshold * patience, or kNoMatch (and the distances are remembered). A
+  // mask seen twice gives the same distance, which can never win the second time, so it is
+  // evaluated once.
+  int32_t closest_mask(int64_t p, int32_t slot, int64_t round, double join_threshold, double impatience) {
+    int32_t neighbours[4], masks[4];
+    const int n = neighbours_of(p, neighbours);
+    int n_masks = 0;
+    for (int i = 0; i < n; ++i) {
+      const int32_t m = mapping_[neighbours[i]];
+      if (m >= 0 && std::find(masks, masks + n_masks, m) == masks + n_masks) masks[n_masks++] = m;
+    }
+    double d[4];
+    distances(slot, masks, n_masks, d);
+    Waiting& w = waiting_[slot];
+    const double limit = join_threshold * w.patience;
     double dist = 1000.0;
-    int32_t mask = kNoNeighbour;
-    for (int i = 0; i < 4; ++i) {
-      if (ys[i] < 0 || ys[i] >= H_ || xs[i] < 0 || xs[i] >= W_) continue;
-      const int32_t m = mapping_[static_cast<int64_t>(ys[i]) * W_ + xs[i]];
-      if (m < 0 || std::find(seen, seen + n_seen, m) != seen + n_seen) continue;
-      if (n_seen == 0) {
-        normalize(unassigned_probs(item.slot), L_, pixel_.data());
-        mask = kNoMatch;
-      }
-      seen[n_seen++] = m;
-      const double d = l1_distance(pixel_.data(), normalized_stats(m), L_);
-      if (d < join_threshold * item.patience && d < dist) dist = d, mask = m;
+    int32_t mask = kNoMatch;
+    for (int k = 0; k < n_masks; ++k) {
+      if (d[k] < limit && d[k] < dist) dist = d[k], mask = masks[k];
     }
-    return mask;
+    if (mask != kNoMatch) return mask;
+    w.sure_until = round + 1;  // unless schedule() finds sure rounds
+    w.remembered = n_masks <= kRemembered ? n_masks : 0;
+    Remembered& r = remembered_[slot];
+    for (int k = 0; k < w.remembered; ++k) {
+      w.mask[k] = masks[k];
+      r.distance[k] = d[k];
+      r.mass_then[k] = masks[k] < M_ ? mass_[masks[k]] : 0.0;
+    }
+    if (w.remembered > 0) schedule(w, r, round, join_threshold, impatience);
+    return kNoMatch;
   }
 
-  void join(const Pending& item, int32_t mask) {
-    mapping_[static_cast<int64_t>(item.y) * W_ + item.x] = mask;
+  // L1 distances from the pixel's normalized probabilities to the normalized statistics of
+  // `masks`, each summed over labels 0..L-1 in order (the sums run side by side). One region,
+  // the common case, has its own loop.
+  void distances(int32_t slot, const int32_t* masks, int n, double* out) {
+    const prob_t* v = probabilities(slot);
+    const double inverse = remembered_[slot].inverse;
+    if (n == 1 && masks[0] < M_) {
+      const double* stats = normalized_stats(masks[0]);
+      double d = 0.0;
+      for (int64_t l = 0; l < L_; ++l) d += std::abs(static_cast<double>(v[l]) * inverse - stats[l]);
+      out[0] = d;
+      return;
+    }
+    const double* stats[4];
+    int64_t hot[4];  // the label of a promoted mask's one-hot statistics, -1 for a region
+    for (int k = 0; k < n; ++k) {
+      const bool region = masks[k] < M_;
+      stats[k] = region ? normalized_stats(masks[k]) : zeros_.data();
+      hot[k] = region ? -1 : masks[k] - M_;
+      out[k] = 0.0;
+    }
+    for (int64_t l = 0; l < L_; ++l) {
+      const double a = static_cast<double>(v[l]) * inverse;
+      for (int k = 0; k < n; ++k) out[k] += std::abs(a - (l == hot[k] ? 1.0 : stats[k][l]));
+    }
+  }
+
+  // After a failed visit at `round`: the next rounds whose threshold stays below every remembered
+  // distance by kBoundMargin fail too, while each region drifts less than the gap left at the
+  // last of them: sure_until and the wake masses.
+  void schedule(Waiting& w, const Remembered& r, int64_t round, double join_threshold, double impatience) const {
+    const double reach = *std::min_element(r.distance, r.distance + w.remembered) - kBoundMargin;
+    double patience = w.patience, last_limit = 0.0;
+    w.sure_until = round + 1;
+    while (true) {
+      patience *= impatience;  // as the visits will
+      const double limit = join_threshold * patience;
+      if (!(limit <= reach)) break;
+      last_limit = limit;
+      ++w.sure_until;
+    }
+    for (int k = 0; k < w.remembered; ++k) {
+      const double gap = r.distance[k] - kBoundMargin - last_limit;  // >= 0 when a round is sure
+      // drift <= 2 (mass - mass_then) / mass <= gap  <=>  mass <= 2 mass_then / (2 - gap)
+      const bool fixed = w.mask[k] >= M_ || gap >= 2.0;
+      w.wake_mass[k] = fixed ? std::numeric_limits<double>::infinity() : 2.0 * r.mass_then[k] / (2.0 - gap);
+    }
+  }
+
+  void join(int64_t p, int32_t slot, int32_t mask) {
+    mapping_[p] = mask;
     if (mask >= M_) return;  // promoted masks keep their one-hot statistics
     double* s = &stats_[mask * L_];
-    const prob_t* v = unassigned_probs(item.slot);
+    const prob_t* v = probabilities(slot);
     for (int64_t l = 0; l < L_; ++l) s[l] += static_cast<double>(v[l]);
+    mass_[mask] += remembered_[slot].mass;
     fresh_[mask] = 0;
   }
 
-  // Normalized statistics of mask k, recomputed only after the mask has grown.
+  // Normalized statistics of region k, recomputed only after the region has grown.
   const double* normalized_stats(int32_t k) {
     double* out = &normalized_[k * L_];
     if (!fresh_[k]) {
@@ -226,12 +496,20 @@ class DustFill {
   const int64_t L_, H_, W_, HW_;
   int64_t M_ = 0;
   int64_t promoted_ = 0;
-  std::vector<int32_t> mapping_;
-  std::vector<int64_t> unassigned_;     // pixel index of each slot, in scan order
-  std::vector<prob_t> unassigned_probs_;  // [slot][label]
-  std::vector<double> stats_, normalized_;
+  std::vector<int32_t> mapping_;     // mask of each pixel; ~slot of a waiting pixel
+  std::vector<int32_t> unassigned_;  // pixels left unassigned by SEGMENT, in scan order
+  std::unique_ptr<prob_t[]> unassigned_probs_;  // [unassigned pixel][label]; after promotion [slot][label]
+  std::vector<int32_t> best_label_;       // per unassigned pixel: its most probable label (the first)
+  std::vector<double> unassigned_mass_;   // and the sum of its probabilities
+  std::vector<Waiting> waiting_;     // per slot, in scan order
+  std::vector<Remembered> remembered_;
+  std::vector<int32_t> waiting_pixels_;
+  std::vector<double> stats_, normalized_;  // [region][label]
+  std::vector<double> mass_;                // per region: its statistics' sum (bounds their drift)
   std::vector<uint8_t> fresh_;
-  std::vector<double> pixel_;
+  std::vector<double> zeros_;  // a promoted mask's one-hot statistics, but for its label
+  // A round's streams, kept to reuse their memory.
+  std::vector<int32_t> row_ahead_, failed_, side_behind_, row_behind_, scratch_;
 };
 
 }  // namespace

@@ -10,7 +10,6 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
-#include <vector>
 
 #include "postprocess.h"
 
@@ -95,7 +94,10 @@ at::Tensor boundary_from_labels(const at::Tensor& labels) {
   return out;
 }
 
-at::Tensor close_gaps(const at::Tensor& boundary, int64_t iterations) {
+// A bool (B, H, W) boundary through a per-image morphology kernel taking `iterations`.
+using MorphologyKernel = void (*)(const bool*, int64_t, int64_t, int64_t, bool*);
+
+at::Tensor apply_morphology(const at::Tensor& boundary, int64_t iterations, MorphologyKernel kernel) {
   check_shape(boundary, "boundary", 3, "(B, H, W)");
   check_dtype(boundary, "boundary", {at::kBool});
   check_count(iterations, "iterations");
@@ -104,8 +106,16 @@ at::Tensor close_gaps(const at::Tensor& boundary, int64_t iterations) {
   const int64_t H = in.size(1), W = in.size(2);
   const bool* src = in.const_data_ptr<bool>();
   bool* dst = out.data_ptr<bool>();
-  for_each_image(in.size(0), [&](int64_t b) { close_gaps_image(src + b * H * W, H, W, iterations, dst + b * H * W); });
+  for_each_image(in.size(0), [&](int64_t b) { kernel(src + b * H * W, H, W, iterations, dst + b * H * W); });
   return out;
+}
+
+at::Tensor close_gaps(const at::Tensor& boundary, int64_t iterations) {
+  return apply_morphology(boundary, iterations, close_gaps_image);
+}
+
+at::Tensor prepare_boundary(const at::Tensor& boundary, int64_t iterations) {
+  return apply_morphology(boundary, iterations, prepare_boundary_image);
 }
 
 std::tuple<at::Tensor, at::Tensor> segment(const at::Tensor& boundary, int64_t min_size) {
@@ -121,6 +131,37 @@ std::tuple<at::Tensor, at::Tensor> segment(const at::Tensor& boundary, int64_t m
   int64_t* count = counts.data_ptr<int64_t>();
   for_each_image(in.size(0), [&](int64_t b) { count[b] = segment_image(src + b * H * W, H, W, min_size, dst + b * H * W); });
   return {regions, counts};
+}
+
+BoundaryMethod boundary_method_named(c10::string_view name) {
+  if (name == "paper") return BoundaryMethod::kPaper;
+  if (name == "close_gaps") return BoundaryMethod::kCloseGaps;
+  TORCH_CHECK_VALUE(false, "boundary_method: expected 'paper' or 'close_gaps', got '", name, "'");
+}
+
+at::Tensor boundary_regions(
+    const at::Tensor& boundary_prob,
+    double boundary_threshold,
+    c10::string_view boundary_method,
+    int64_t gap_iterations,
+    int64_t min_size) {
+  check_shape(boundary_prob, "boundary_prob", 3, "(B, H, W)");
+  check_dtype(boundary_prob, "boundary_prob", {at::kFloat, at::kDouble});
+  TORCH_CHECK_VALUE(std::isfinite(boundary_threshold), "boundary_threshold: expected a finite value, got ", boundary_threshold);
+  const BoundaryMethod method = boundary_method_named(boundary_method);
+  check_count(gap_iterations, "gap_iterations");
+  check_count(min_size, "min_size");
+  const at::Tensor in = boundary_prob.contiguous();
+  at::Tensor regions = at::empty(in.sizes(), in.options().dtype(at::kInt));
+  const int64_t H = in.size(1), W = in.size(2);
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "boundary_regions", [&] {
+    const scalar_t* src = in.const_data_ptr<scalar_t>();
+    int32_t* dst = regions.data_ptr<int32_t>();
+    for_each_image(in.size(0), [&](int64_t b) {
+      boundary_regions_image(src + b * H * W, H, W, boundary_threshold, method, gap_iterations, min_size, dst + b * H * W);
+    });
+  });
+  return regions;
 }
 
 at::Tensor argmax_labels(const at::Tensor& probs) {
@@ -161,80 +202,30 @@ at::Tensor dust_fill(
   return out;
 }
 
-// The whole chain per image: threshold -> close_gaps -> segment -> dust_fill.
-template <typename prob_t, typename boundary_t>
-void postprocess_batch(
-    const at::Tensor& probs, const at::Tensor& boundary_prob, double boundary_threshold, int64_t gap_iterations,
-    int64_t min_size, const double* new_threshold, double join_threshold, double impatience,
-    at::Tensor& labels, at::Tensor& regions) {
-  const int64_t L = probs.size(1), H = probs.size(2), W = probs.size(3), HW = H * W;
-  const prob_t* p = probs.const_data_ptr<prob_t>();
-  const boundary_t* bp = boundary_prob.const_data_ptr<boundary_t>();
-  int64_t* out = labels.data_ptr<int64_t>();
-  int32_t* reg = regions.data_ptr<int32_t>();
-  for_each_image(probs.size(0), [&](int64_t b) {
-    std::vector<uint8_t> raw(HW), closed(HW);  // bool storage without std::vector<bool>'s packing
-    bool* raw_boundary = reinterpret_cast<bool*>(raw.data());
-    bool* closed_boundary = reinterpret_cast<bool*>(closed.data());
-    threshold_image(bp + b * HW, HW, boundary_threshold, raw_boundary);
-    close_gaps_image(raw_boundary, H, W, gap_iterations, closed_boundary);
-    segment_image(closed_boundary, H, W, min_size, reg + b * HW);
-    dust_fill_image(p + b * L * HW, reg + b * HW, L, H, W, new_threshold, join_threshold, impatience, out + b * HW);
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor> postprocess(
-    const at::Tensor& probs,
-    const at::Tensor& boundary_prob,
-    double boundary_threshold,
-    int64_t gap_iterations,
-    int64_t min_size,
-    const at::Tensor& new_threshold,
-    double join_threshold,
-    double impatience) {
-  check_probs(probs);
-  check_image_map(boundary_prob, "boundary_prob", probs);
-  check_dtype(boundary_prob, "boundary_prob", {at::kFloat, at::kDouble});
-  TORCH_CHECK_VALUE(std::isfinite(boundary_threshold), "boundary_threshold: expected a finite value, got ", boundary_threshold);
-  check_count(gap_iterations, "gap_iterations");
-  check_count(min_size, "min_size");
-  check_dust_fill_parameters(new_threshold, probs.size(1), join_threshold, impatience);
-  const at::Tensor p = probs.contiguous(), bp = boundary_prob.contiguous(), thresholds = new_threshold.contiguous();
-  at::Tensor labels = at::empty(bp.sizes(), p.options().dtype(at::kLong));
-  at::Tensor regions = at::empty(bp.sizes(), p.options().dtype(at::kInt));
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "postprocess", [&] {
-    using prob_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(bp.scalar_type(), "postprocess", [&] {
-      postprocess_batch<prob_t, scalar_t>(
-          p, bp, boundary_threshold, gap_iterations, min_size, thresholds.const_data_ptr<double>(), join_threshold,
-          impatience, labels, regions);
-    });
-  });
-  return {labels, regions};
-}
-
 }  // namespace
 }  // namespace unet_postprocess
 
 TORCH_LIBRARY(unet, m) {
   m.def("boundary_from_labels(Tensor labels) -> Tensor");
   m.def("close_gaps(Tensor boundary, int iterations) -> Tensor");
+  m.def("prepare_boundary(Tensor boundary, int iterations) -> Tensor");
   m.def("segment(Tensor boundary, int min_size) -> (Tensor regions, Tensor counts)");
+  m.def(
+      "boundary_regions(Tensor boundary_prob, float boundary_threshold, str boundary_method, int gap_iterations, "
+      "int min_size) -> Tensor");
   m.def("argmax_labels(Tensor probs) -> Tensor");
   m.def(
       "dust_fill(Tensor probs, Tensor regions, Tensor new_threshold, float join_threshold, "
       "float impatience) -> Tensor");
-  m.def(
-      "postprocess(Tensor probs, Tensor boundary_prob, float boundary_threshold, int gap_iterations, "
-      "int min_size, Tensor new_threshold, float join_threshold, float impatience) -> (Tensor labels, Tensor regions)");
 }
 
 TORCH_LIBRARY_IMPL(unet, CPU, m) {
   using namespace unet_postprocess;
   m.impl("boundary_from_labels", &boundary_from_labels);
   m.impl("close_gaps", &close_gaps);
+  m.impl("prepare_boundary", &prepare_boundary);
   m.impl("segment", &segment);
+  m.impl("boundary_regions", &boundary_regions);
   m.impl("argmax_labels", &argmax_labels);
   m.impl("dust_fill", &dust_fill);
-  m.impl("postprocess", &postprocess);
 }

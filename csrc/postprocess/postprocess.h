@@ -14,14 +14,34 @@ namespace unet_postprocess {
 template <typename label_t>
 void boundary_from_labels_image(const label_t* labels, int64_t height, int64_t width, bool* out);
 
+// How a thresholded boundary is readied for SEGMENT.
+enum class BoundaryMethod {
+  kPaper,      // prepare_boundary_image
+  kCloseGaps,  // close_gaps_image
+};
+
+// The paper author's preparation: keep boundary pixels that belong to a 2x2 block of boundary
+// pixels, add a frame around the image, dilate by the square of radius `iterations` and erode by
+// the diamond of that radius, clear the pixels whose 12 neighbours at city-block distance 1-2 are
+// all set (re-opening filled blobs; outside counts as set), and OR with the 2x2-filtered, framed
+// mask. Iterations beyond max(height, width) count as max(height, width).
+void prepare_boundary_image(const bool* boundary, int64_t height, int64_t width, int64_t iterations, bool* out);
+
 // Morphological closing: `iterations` dilations alternating the 8- and the 4-neighbourhood, then
 // as many erosions, computed as if the image were surrounded by non-boundary pixels. Never
 // removes a boundary pixel. Iterations beyond max(height, width) count as max(height, width).
 void close_gaps_image(const bool* boundary, int64_t height, int64_t width, int64_t iterations, bool* out);
 
 // FLOOD + SEGMENT (Algorithms 2-3). Writes region ids 0.. in scan order of their first pixel and
-// -1 where a pixel belongs to no region of at least `min_size` pixels. Returns the region count.
+// -1 where a pixel belongs to no region of more than `min_size` pixels. Returns the region count.
 int32_t segment_image(const bool* boundary, int64_t height, int64_t width, int64_t min_size, int32_t* regions);
+
+// boundary_prob >= threshold (rejecting NaN and infinities), readied by `method` with
+// `gap_iterations`, then segment_image. Returns the region count.
+template <typename prob_t>
+int32_t boundary_regions_image(
+    const prob_t* boundary_prob, int64_t height, int64_t width, double threshold, BoundaryMethod method,
+    int64_t gap_iterations, int64_t min_size, int32_t* regions);
 
 // DUST_FILL (Algorithm 4). probs is [labels, height, width]; regions as written by segment_image.
 template <typename prob_t>
@@ -39,10 +59,6 @@ void dust_fill_image(
 // Label of highest probability per pixel (the first one on ties). probs is [labels, height, width].
 template <typename prob_t>
 void argmax_image(const prob_t* probs, int64_t num_labels, int64_t pixels, int64_t* out);
-
-// boundary = boundary_prob >= threshold, rejecting NaN and infinite probabilities.
-template <typename prob_t>
-void threshold_image(const prob_t* boundary_prob, int64_t pixels, double threshold, bool* out);
 
 // Probabilities must be finite and non-negative. Kernels AND this over every value they read and
 // check once, so the test costs no branch in their loops.

@@ -5,7 +5,8 @@
 // exactly the connected component of its seed in the graph whose edges join 4-neighbours that are
 // not both boundary: nothing a flood claims can be reached by another, whatever the visiting
 // order. SEGMENT seeds floods at the first unclaimed cell in scan order, so its masks are these
-// components, numbered in scan order of their first cell, and those under min_size dropped.
+// components, numbered in scan order of their first cell, and those of min_size cells or fewer
+// dropped (the author's code keeps masks of more than 10 cells; the pseudo-code writes mass >= T).
 // We label them with a union-find in one raster pass, each component's root being its first
 // cell: no recursion, no stack, memory linear in the image, the same masks as the pseudo-code
 // (tests/postprocess_reference.py runs Algorithms 2-3 literally to check).
@@ -72,7 +73,7 @@ int32_t segment_image(const bool* boundary, int64_t height, int64_t width, int64
   int32_t count = 0;
   for (int64_t p = 0; p < pixels; ++p) {
     const int32_t root = parent[p];
-    if (root == p) size[p] = size[p] >= min_size ? count++ : -1;  // size now holds the id
+    if (root == p) size[p] = size[p] > min_size ? count++ : -1;  // size now holds the id
     regions[p] = size[root];
   }
   return count;
