@@ -41,6 +41,7 @@ def test_the_public_api_is_exported_from_the_package():
         "SegmentationLoss": losses.SegmentationLoss, "ConfusionMatrix": metrics.ConfusionMatrix,
         "argmax_labels": postprocess.argmax_labels, "boundary_from_labels": postprocess.boundary_from_labels,
         "close_gaps": postprocess.close_gaps, "segment": postprocess.segment, "dust_fill": postprocess.dust_fill,
+        "boundary_regions": postprocess.boundary_regions, "prepare_boundary": postprocess.prepare_boundary,
     }
     assert sorted(unet.__all__) == sorted(expected)
     for name, value in expected.items():

@@ -13,7 +13,9 @@ its steps are exported here. Inference helpers live in `unet.inference`; the com
 from unet.losses import SegmentationLoss
 from unet.metrics import ConfusionMatrix
 from unet.model import AttentionUNet, SegmentationOutput, UNetConfig, build_model, to_probabilities
-from unet.postprocess import argmax_labels, boundary_from_labels, close_gaps, dust_fill, segment
+from unet.postprocess import (
+    argmax_labels, boundary_from_labels, boundary_regions, close_gaps, dust_fill, prepare_boundary, segment,
+)
 
 __all__ = [
     "AttentionUNet",
@@ -23,9 +25,11 @@ __all__ = [
     "UNetConfig",
     "argmax_labels",
     "boundary_from_labels",
+    "boundary_regions",
     "build_model",
     "close_gaps",
     "dust_fill",
+    "prepare_boundary",
     "segment",
     "to_probabilities",
 ]

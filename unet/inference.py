@@ -74,14 +74,7 @@ def label_map(method: str, probs: torch.Tensor, boundary: torch.Tensor, *, retur
     labels = postprocess.argmax_labels(probs)
     if not return_regions:
         return labels
-    return labels, boundary_regions(probs, boundary)
-
-
-def boundary_regions(probs: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor:
-    """The region map (int32, -1 unassigned) that the paper's post-processing segments `boundary` into."""
-    # The C++ chain computes its label vote too; only its regions are kept.
-    _, regions = postprocess.postprocess(probs, boundary, return_regions=True)
-    return regions
+    return labels, postprocess.boundary_regions(boundary)
 
 
 def predict_images(model, images: list[torch.Tensor], device, *, method: str, amp: str = "none", max_size: int = 0):
