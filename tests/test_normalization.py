@@ -16,7 +16,9 @@ from torch.utils.checkpoint import checkpoint
 
 from unet.blocks import norm_layer
 from unet.model import AttentionUNet, UNetConfig
-from unet.normalization import SubBatchNorm2d, discard_step, end_step, guarded_extrapolation
+from unet.normalization import (
+    CheckpointSafeBatchNorm2d, SubBatchNorm2d, discard_step, end_step, guarded_extrapolation, subbatch_layers,
+)
 from unet.synthetic import render_figure
 
 EPS = 1e-5
@@ -289,6 +291,7 @@ def test_the_state_dict_carries_the_history_and_a_loaded_layer_continues_identic
     state = layer.state_dict()
     assert {"history_mean", "history_var", "history_count", "running_mean", "running_var",
             "num_steps_tracked"} <= set(state)
+    assert not {"pending_sum", "pending_count"} & set(state)  # emptied by end_step before any checkpoint
     restored = random_layer(extrapolate=True)
     restored.load_state_dict(state)
     x = batches(1, seed=80)[0]
@@ -343,8 +346,8 @@ def test_autocast_keeps_float32_statistics_and_the_input_dtype():
         h = conv(x)
         y = layer(h)
     assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
-    assert layer._pending[0].dtype == torch.float32
-    torch.testing.assert_close(layer._pending[0][0], h.float().mean(dim=(0, 2, 3)))
+    assert layer.pending_sum.dtype == torch.float32 and int(layer.pending_count) == 1
+    torch.testing.assert_close(layer.pending_sum[0], h.float().mean(dim=(0, 2, 3)))
 
 
 def test_channels_last_gives_the_same_values_in_the_same_memory_format():
@@ -363,7 +366,7 @@ def test_the_model_trains_under_autocast_in_channels_last():
         labels, boundary = model(x)
     (labels.float().square().mean() + boundary.float().mean()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    assert all(norm._pending[0].dtype == torch.float32 for norm in subbatch_norms(model))
+    assert all(norm.pending_sum.dtype == torch.float32 for norm in subbatch_norms(model))
     assert end_step(model) == 1
 
 
@@ -393,10 +396,65 @@ def test_gradient_checkpointing_records_each_sub_batch_once_and_keeps_the_gradie
         model.train()
         labels, boundary = forward(x)  # a plain tuple from the reentrant checkpoint
         (labels.square().mean() + boundary.mean()).backward()
-    assert all(len(norm._pending) == 1 for norm in subbatch_norms(checkpointed))
+    assert all(int(norm.pending_count) == 1 for norm in subbatch_norms(checkpointed))
     for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     assert end_step(checkpointed) == 1
+
+
+@pytest.mark.parametrize("use_reentrant", [None, True])
+def test_gradient_checkpointing_updates_batch_norm_running_statistics_once(use_reentrant):
+    """Plain nn.BatchNorm2d would count each sub-batch twice: in the forward and in the recomputation."""
+    torch.manual_seed(0)
+    plain = AttentionUNet(tiny_config(norm="batch"))
+    checkpointed = copy.deepcopy(plain)
+    if use_reentrant:
+        run = lambda x: checkpoint(checkpointed, x, use_reentrant=True)  # noqa: E731
+    else:
+        checkpointed.set_grad_checkpointing(True)
+        run = checkpointed
+    for step in range(2):
+        x = torch.randn(2, 3, 16, 16, requires_grad=bool(use_reentrant))
+        for forward in (plain, run):
+            labels, boundary = forward(x)
+            (labels.square().mean() + boundary.mean()).backward()
+    norms = [m for m in checkpointed.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(isinstance(m, CheckpointSafeBatchNorm2d) and int(m.num_batches_tracked) == 2 for m in norms)
+    for (name, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_torch_compile_traces_one_graph_and_updates_the_statistics_as_eager_does(grad_checkpointing):
+    """fullgraph: no graph break; error_on_recompile: the step's records do not change the graph (the
+    fourth step extrapolates). aot_eager runs the real Dynamo and AOTAutograd (functionalization of
+    the buffer updates, the recomputation of checkpointed blocks) without Inductor's code generation,
+    so values match eager."""
+    torch.manual_seed(0)
+    model = AttentionUNet(tiny_config(subbatch_extrapolate=True, grad_checkpointing=grad_checkpointing))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    generator = torch.Generator().manual_seed(5)
+    for step in range(4):
+        for sub_batch in range(2):
+            x = torch.randn(2, 3, 16, 16, generator=generator)
+            with torch._dynamo.config.patch(error_on_recompile=step + sub_batch > 0):
+                compiled_labels, _ = compiled(x)
+            eager_labels, _ = eager(x)
+            torch.testing.assert_close(compiled_labels, eager_labels)
+            compiled_labels.square().mean().backward()
+            eager_labels.square().mean().backward()
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            if q.grad is not None:  # the boundary head gets none from this loss (zeros when compiled)
+                torch.testing.assert_close(p.grad, q.grad, msg=name)
+            p.grad = q.grad = None
+        assert all(int(layer.pending_count) == 2 for _, layer in subbatch_layers(model))
+        assert end_step(model) == end_step(eager)
+        for (name, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=name)
 
 
 # ----------------------------------------------------------------------------- the model option

@@ -7,7 +7,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from unet import distributed, train
 from unet.checkpoint import FORMAT_VERSION, Checkpoint, load_checkpoint, load_training_checkpoint, save_checkpoint
 from unet.distributed import EpochSampler
 from unet.losses import SegmentationLoss
+from unet.normalization import subbatch_layers
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,6 +60,9 @@ def run(flags):
         (["--local-attention-levels", "0,a"], "argument --local-attention-levels: expected a comma list"),
         (["--val-fraction", "1.5"], "argument --val-fraction: expected a fraction in (0, 1)"),
         (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+        (["--norm", "layer"], "argument --norm: invalid choice: 'layer'"),
+        (["--subbatch-extrapolate"], "argument --subbatch-extrapolate: needs --norm subbatch"),
+        (["--norm", "batch", "--subbatch-extrapolate"], "argument --subbatch-extrapolate: needs --norm subbatch"),
     ],
 )
 def test_bad_flags_exit_with_a_message_naming_the_flag(flags, message, capsys):
@@ -122,6 +128,8 @@ def test_epoch_sampler_shards_cover_every_index_and_resume_from_start():
     assert set(sum(taken, [])) == set(range(10))
     shards[0].set_epoch(1, start=3)
     assert list(shards[0]) == taken[0][3:] and len(shards[0]) == 1
+    shards[0].set_epoch(1, start=6)  # past the end: nothing left
+    assert list(shards[0]) == [] and len(shards[0]) == 0
     shards[0].set_epoch(2)
     assert list(shards[0]) != taken[0]
 
@@ -157,11 +165,10 @@ def test_load_checkpoint_rejects_missing_and_foreign_files(tmp_path):
 # ----------------------------------------------------------------------------- runs
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    """Two epochs without interruption, every optimizer step's checkpoint kept aside."""
-    output = tmp_path_factory.mktemp("straight")
-    kept = tmp_path_factory.mktemp("kept")
+def run_keeping_checkpoints(tmp_path_factory, name, *flags):
+    """A run without interruption, every optimizer step's checkpoint kept aside as step<N>.pt."""
+    output = tmp_path_factory.mktemp(name)
+    kept = tmp_path_factory.mktemp(f"{name}_kept")
     original = train.save_checkpoint
 
     def save_and_keep(state, path):
@@ -171,8 +178,14 @@ def straight_run(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "save_checkpoint", save_and_keep)
-        result = run(tiny_flags(output, "--checkpoint-every", "1"))
+        result = run(tiny_flags(output, "--checkpoint-every", "1", *flags))
     return result, output, kept
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """Two epochs without interruption, every optimizer step's checkpoint kept aside."""
+    return run_keeping_checkpoints(tmp_path_factory, "straight")
 
 
 def test_straight_run_writes_logs_and_checkpoints(straight_run):
@@ -271,6 +284,96 @@ def test_sigterm_to_the_process_group_with_data_workers_still_writes_a_checkpoin
     assert stopped.exit_code == 128 + signal.SIGTERM and stopped.global_step == 2
     assert load_checkpoint(tmp_path / "last.pt")["step_in_epoch"] == 2
 
+# ----------------------------------------------------------------------------- sub-batch normalization
+
+# Batches of 2 in accumulation groups of 4: 6 batches per epoch make a step of 4 sub-batches and a short one of 2.
+SUBBATCH = ("--norm", "subbatch", "--subbatch-extrapolate", "--batch-size", "2", "--accum-steps", "4")
+
+
+@pytest.fixture(scope="module")
+def subbatch_run(tmp_path_factory):
+    return run_keeping_checkpoints(tmp_path_factory, "subbatch", *SUBBATCH)
+
+
+def test_sub_batch_norm_closes_every_optimizer_step_once(subbatch_run):
+    result, output, kept = subbatch_run
+    assert result.exit_code == 0 and result.global_step == 4
+    layers = subbatch_layers(result.model)
+    assert layers and all(layer.extrapolate for _, layer in layers)
+    for step in range(1, 5):  # end_step ran before each checkpoint: its step is in the history
+        state = load_checkpoint(kept / f"step{step}.pt")["model"]
+        assert all(int(state[f"{name}.num_steps_tracked"]) == step for name, _ in layers)
+    for _, layer in layers:  # the sub-batches of the last three steps, the short last groups included
+        assert layer.history_count.tolist() == [2.0, 4.0, 2.0] and int(layer.pending_count) == 0
+    assert_same_state(load_checkpoint(output / "last.pt")["model"], result.model.state_dict())
+
+
+@pytest.mark.parametrize("resume_step", [1, 2])  # mid-epoch (after the group of 4), and an epoch boundary
+def test_sub_batch_norm_resume_is_bitwise_exact(subbatch_run, resume_step, tmp_path):
+    result, _, kept = subbatch_run
+    shutil.copy(kept / f"step{resume_step}.pt", tmp_path / "last.pt")
+    resumed = run(tiny_flags(tmp_path, "--resume", "auto", *SUBBATCH))
+    assert resumed.losses == result.losses[resume_step:]
+    assert_same_state(resumed.model.state_dict(), result.model.state_dict())  # weights and statistics
+
+
+@pytest.mark.parametrize("signal_at, steps_done", [(2, 1), (5, 2)])  # a group's second sub-batch; the epoch's last group
+def test_sigterm_inside_an_accumulation_group_finishes_the_step_then_resumes_exactly(
+        subbatch_run, signal_at, steps_done, tmp_path, monkeypatch):
+    """The group under way is finished, stepped, closed (end_step) and saved; the run resumed without
+    the sub-batch flags takes them from the checkpoint. A stop at the epoch's last step resumes to
+    its evaluation (the sampler has nothing left of that epoch)."""
+    _loss_patched(monkeypatch, signal_at, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
+    stopped = run(tiny_flags(tmp_path, *SUBBATCH))
+    assert stopped.exit_code == 128 + signal.SIGTERM and stopped.global_step == steps_done
+    assert load_checkpoint(tmp_path / "last.pt")["step_in_epoch"] == steps_done
+    monkeypatch.undo()
+    resumed = run(tiny_flags(tmp_path, "--resume", "auto", "--batch-size", "2", "--accum-steps", "4"))
+    assert resumed.model.config.norm == "subbatch" and resumed.model.config.subbatch_extrapolate
+    assert resumed.losses == subbatch_run[0].losses[steps_done:]
+    assert_same_state(resumed.model.state_dict(), subbatch_run[0].model.state_dict())
+    assert len((tmp_path / "eval.csv").read_text().splitlines()) == 1 + 2
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--norm", "group"], "--norm 'group' (the checkpoint has 'subbatch')"),
+        (["--norm", "subbatch", "--local-attention-levels", "1"],
+         "--local-attention-levels (1,) (the checkpoint has ())"),
+    ],
+)
+def test_resume_with_model_flags_that_contradict_the_checkpoint_is_an_error(subbatch_run, flags, message, tmp_path,
+                                                                           capsys):
+    shutil.copy(subbatch_run[2] / "step2.pt", tmp_path / "last.pt")
+    assert train.main(tiny_flags(tmp_path, "--resume", "auto", *flags)) == 1
+    err = capsys.readouterr().err
+    assert "--resume continues the checkpoint's model, which the flags contradict" in err and message in err
+    assert load_checkpoint(tmp_path / "last.pt")["global_step"] == 2  # untouched
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_python_m_unet_train_stopped_by_sigterm_at_any_moment_resumes_bitwise_exactly(subbatch_run, tmp_path):
+    """The real command line in its own process, stopped wherever the signal finds it after its first step."""
+    command = [sys.executable, "-m", "unet.train", *tiny_flags(tmp_path, *SUBBATCH, "--checkpoint-every", "1")]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (tmp_path / "last.pt").exists() and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert 1 <= load_checkpoint(tmp_path / "last.pt")["global_step"] < 4
+    resume = subprocess.run([*command, "--resume", "auto"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr
+    assert_same_state(load_checkpoint(tmp_path / "last.pt")["model"], subbatch_run[0].model.state_dict())
+
+
 # ----------------------------------------------------------------------------- the trainer and its checkpoints
 
 
@@ -306,8 +409,9 @@ def assert_same_state(a, b, where="state"):
         assert a == b, where
 
 
-def test_trainer_state_round_trips_through_a_checkpoint_file_and_continues_identically(tmp_path):
-    trainer, loader = make_trainer(tmp_path, "--no-augment")
+@pytest.mark.parametrize("norm", ["group", "subbatch"])
+def test_trainer_state_round_trips_through_a_checkpoint_file_and_continues_identically(norm, tmp_path):
+    trainer, loader = make_trainer(tmp_path, "--no-augment", "--norm", norm)
     first, second = list(loader)[:2]
     one_step(trainer, first)
     state = trainer.state_dict()
@@ -316,8 +420,9 @@ def test_trainer_state_round_trips_through_a_checkpoint_file_and_continues_ident
     assert len(state["rng"]) == 1 and state["optimizer"]["state"]  # AdamW moments after one step
     save_checkpoint(state, tmp_path / "state.pt")
 
-    restored, _ = make_trainer(tmp_path, "--no-augment")  # fresh weights, no optimizer state
+    restored, _ = make_trainer(tmp_path, "--no-augment", "--norm", norm)  # fresh weights, no optimizer state
     assert not torch.equal(restored.model.label_head.weight, trainer.model.label_head.weight)
+    restored.model(first["image"])  # a training-mode forward that no step of the loaded state follows
     restored.load_state_dict(load_training_checkpoint(tmp_path / "state.pt"))
     assert_same_state(restored.state_dict(), state)
     assert one_step(restored, second) == one_step(trainer, second)
@@ -395,13 +500,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world_size, port, output, results):
+def _ddp_worker(rank, world_size, port, output, results, flags=()):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result = run(tiny_flags(output, "--epochs", "1"))
-    torch.save({"params": params(result.model), "matrix": result.metrics.matrix, "code": result.exit_code},
-               results / f"rank{rank}.pt")
+    broadcast_buffers = []
+
+    class RecordingDDP(train.DistributedDataParallel):
+        def __init__(self, *args, **kwargs):
+            broadcast_buffers.append(kwargs.get("broadcast_buffers", True))
+            super().__init__(*args, **kwargs)
+
+    train.DistributedDataParallel = RecordingDDP
+    result = run(tiny_flags(output, "--epochs", "1", *flags))
+    torch.save({"params": params(result.model), "matrix": result.metrics.matrix, "code": result.exit_code,
+                "broadcast_buffers": broadcast_buffers}, results / f"rank{rank}.pt")
 
 
 def test_a_one_process_torchrun_trains_under_ddp_like_a_plain_run(tmp_path, monkeypatch, capsys):
@@ -432,5 +545,22 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     assert torch.equal(ranks[0]["matrix"], ranks[1]["matrix"])
     # the reduced matrix counts every validation pixel once: 2 images of 32x32
     assert int(ranks[0]["matrix"].sum()) == 2 * 32 * 32
+    assert [r["broadcast_buffers"] for r in ranks] == [[True], [True]]
     state = load_checkpoint(output / "last.pt")
     assert_same_params(state["model"], ranks[0]["params"])
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_sub_batch_norm_exchange_statistics_once_per_step(tmp_path):
+    """Each rank: 6 images, batches of 2, groups of 2 -> steps of 2 + 2 and 1 + 1 sub-batches."""
+    output, results = tmp_path / "run", tmp_path / "results"
+    results.mkdir()
+    flags = ("--norm", "subbatch", "--batch-size", "2", "--accum-steps", "2")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), output, results, flags), nprocs=2, join=True)
+    ranks = [torch.load(results / f"rank{r}.pt") for r in range(2)]
+    assert [r["code"] for r in ranks] == [0, 0]
+    assert [r["broadcast_buffers"] for r in ranks] == [[False], [False]]  # no synchronization in the forward
+    assert_same_state(ranks[0]["params"], ranks[1]["params"])  # weights, and statistics no one broadcast
+    counts = [value for name, value in ranks[0]["params"].items() if name.endswith("history_count")]
+    assert counts and all(count.tolist() == [2.0, 4.0, 0.0] for count in counts)
+    assert_same_state(dict(load_checkpoint(output / "last.pt")["model"]), ranks[0]["params"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unet.normalization import SubBatchNorm2d
+from unet.normalization import CheckpointSafeBatchNorm2d, SubBatchNorm2d
 
 NormLayer = Callable[[int], nn.Module]  # builds a normalization layer for a channel count
 NORMS = ("group", "batch", "subbatch")
@@ -31,7 +31,7 @@ def norm_layer(kind: str = "group", groups: int = 8, subbatch_extrapolate: bool 
     if kind == "group":
         return functools.partial(group_norm, groups=groups)
     if kind == "batch":
-        return nn.BatchNorm2d
+        return CheckpointSafeBatchNorm2d
     if kind == "subbatch":
         return functools.partial(SubBatchNorm2d, extrapolate=subbatch_extrapolate)
     raise ValueError(f"unknown normalization {kind!r}; valid: {', '.join(NORMS)}")

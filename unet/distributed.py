@@ -112,7 +112,9 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+        # Skipping past the end leaves nothing: a run stopped after its epoch's short last group of
+        # batches resumes with start = steps x batches per step x batch size > the samples there were.
+        self.epoch, self.start = epoch, min(start, self.per_rank())
 
     def per_rank(self) -> int:
         return -(-self.length // self.world_size)

@@ -64,7 +64,15 @@ training-mode forwards that must not count (no optimizer step follows them), cal
 :func:`discard_step`.
 
 The history, its sub-batch counts, the running statistics and the step count are registered
-buffers, so ``state_dict`` (and thus a checkpoint) carries everything a resume needs.
+buffers, so ``state_dict`` (and thus a checkpoint) carries everything a resume needs. The step's
+recorded statistics are buffers too (``pending_sum``, ``pending_count``), summed in place, but not
+persistent: a checkpoint taken after :func:`end_step` has none to carry. In-place buffer updates
+(no Python list) let ``torch.compile`` trace the whole model, gradient checkpointing included, in
+one graph that it does not recompile from one sub-batch to the next.
+
+:class:`CheckpointSafeBatchNorm2d` is the model's ``batch`` option: ``nn.BatchNorm2d``, except that
+a gradient-checkpointing recomputation leaves its running statistics alone (plain BatchNorm
+updates them a second time per sub-batch there, with the same batch statistics).
 """
 
 from __future__ import annotations
@@ -101,8 +109,12 @@ def _inside_backward() -> bool:
     """True while the autograd engine runs, e.g. when gradient checkpointing recomputes a forward.
 
     Both checkpoint flavours recompute inside the backward's graph task, and the original forward
-    runs outside any (torch.utils.checkpoint itself tells the two apart this way).
+    runs outside any (torch.utils.checkpoint itself tells the two apart this way). Code that
+    torch.compile traces is a forward: the compiled backward recomputes checkpointed activations
+    without replaying the forward's buffer updates, and an eager backward runs this check in Python.
     """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -149,7 +161,10 @@ class SubBatchNorm2d(nn.Module):
         self.register_buffer("history_var", torch.zeros(HISTORY_STEPS, num_features))
         self.register_buffer("history_count", torch.zeros(HISTORY_STEPS))  # sub-batches per step, 0: none yet
         self.register_buffer("num_steps_tracked", torch.tensor(0, dtype=torch.long))
-        self._pending: list[torch.Tensor] = []  # (2, C) mean and variance of each sub-batch of this step
+        # This step's sub-batches so far: the sum of their (mean, variance) rows, and their number.
+        # Not persistent: end_step empties them before any checkpoint.
+        self.register_buffer("pending_sum", torch.zeros(2, num_features), persistent=False)
+        self.register_buffer("pending_count", torch.tensor(0, dtype=torch.long), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, extrapolate={self.extrapolate}"
@@ -173,7 +188,8 @@ class SubBatchNorm2d(nn.Module):
         """``r`` and ``d`` that turn the sub-batch's own normalization into the blend's; records its statistics."""
         sub_var, sub_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
         if not _inside_backward():
-            self._pending.append(torch.stack([sub_mean, sub_var]))
+            self.pending_sum.add_(torch.stack([sub_mean, sub_var]))
+            self.pending_count.add_(1)
         mean, var = self._blend(sub_mean, sub_var)
         inv_std = torch.rsqrt(var + self.eps)
         return torch.sqrt(sub_var + self.eps) * inv_std, (sub_mean - mean) * inv_std
@@ -195,12 +211,6 @@ class SubBatchNorm2d(nn.Module):
         n = self.history_count[0]
         return (sub_mean + n * previous_mean) / (n + 1), (sub_var + n * previous_var) / (n + 1)
 
-    def _pending_sum(self) -> torch.Tensor:
-        """The (2C,) sum of this step's recorded sub-batch statistics (zeros when none)."""
-        if not self._pending:
-            return self.running_mean.new_zeros(2 * self.num_features)
-        return torch.stack(self._pending).sum(0).flatten().to(self.running_mean.dtype)
-
     @torch.no_grad()
     def _push_step(self, mean: torch.Tensor, var: torch.Tensor, sub_batches: float) -> None:
         """Record a finished step (its average statistics over `sub_batches`) and update the running ones."""
@@ -212,7 +222,24 @@ class SubBatchNorm2d(nn.Module):
         weight = self.num_steps_tracked.to(mean.dtype).reciprocal().clamp(min=self.momentum)
         self.running_mean.lerp_(mean, weight)
         self.running_var.lerp_(var, weight)
-        self._pending.clear()
+        self.discard_pending()
+
+    def discard_pending(self) -> None:
+        self.pending_sum.zero_()
+        self.pending_count.zero_()
+
+
+class CheckpointSafeBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose running statistics are updated once per forward, not again by a
+    gradient-checkpointing recomputation (same outputs and gradients: both use the batch statistics)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _inside_backward():
+            # Momentum 0 keeps the running statistics; the call still saves the tensors the forward saved,
+            # as non-reentrant checkpointing requires.
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=True,
+                                momentum=0.0, eps=self.eps)
+        return super().forward(x)
 
 
 def subbatch_layers(model: nn.Module) -> list[tuple[str, SubBatchNorm2d]]:
@@ -222,7 +249,7 @@ def subbatch_layers(model: nn.Module) -> list[tuple[str, SubBatchNorm2d]]:
 def discard_step(model: nn.Module) -> None:
     """Forget the statistics recorded since the last :func:`end_step` (forwards no step follows)."""
     for _, layer in subbatch_layers(model):
-        layer._pending.clear()
+        layer.discard_pending()
 
 
 @torch.no_grad()
@@ -239,14 +266,14 @@ def end_step(model: nn.Module, process_group: dist.ProcessGroup | None = None) -
     layers = subbatch_layers(model)
     if not layers:
         return 0
-    recorded = {name: len(layer._pending) for name, layer in layers}
-    if len(set(recorded.values())) > 1:
+    counts = torch.stack([layer.pending_count for _, layer in layers])
+    if bool((counts != counts[0]).any()):
+        recorded = {name: int(layer.pending_count) for name, layer in layers}
         discard_step(model)
         raise RuntimeError(f"SubBatchNorm2d layers recorded different numbers of sub-batches this step: {recorded}")
-    first = layers[0][1]
-    sub_batches = first.running_mean.new_tensor([len(first._pending)])
     # One flat tensor: every layer's summed mean and variance, then the sub-batch count.
-    totals = torch.cat([layer._pending_sum() for _, layer in layers] + [sub_batches])
+    sub_batches = counts[:1].to(layers[0][1].running_mean.dtype)
+    totals = torch.cat([layer.pending_sum.flatten().to(sub_batches.dtype) for _, layer in layers] + [sub_batches])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
         dist.all_reduce(totals, group=process_group)
     count = int(totals[-1])

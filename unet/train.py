@@ -8,7 +8,9 @@ One plain loop (`train_one_epoch`, then an evaluation) over a `Trainer`, which o
 state: fused AdamW (no weight decay on norms, biases and other 1-d parameters), linear warmup then
 cosine decay per optimizer step, gradient accumulation and clipping, optional AMP, channels-last,
 torch.compile (of the model and of the loss) and gradient checkpointing. A training step reads one
-number back from the device, the loss, after its backward pass is queued. Each epoch prints one
+number back from the device, the loss, after its backward pass is queued. ``--norm`` picks the
+normalization layers (GroupNorm, BatchNorm, or the paper's sub-batch BatchNorm, whose statistics
+`unet.normalization.end_step` exchanges once per optimizer step). Each epoch prints one
 summary line (loss, validation mean IoU and pixel accuracy, time); the per-label IoU table follows
 the last evaluation, or every one with ``--verbose``. Logs go to ``<output>/train.csv``,
 ``<output>/eval.csv`` and TensorBoard (``<output>/tb``; `unet.run_log`). ``<output>/last.pt`` is
@@ -40,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from unet import distributed
+from unet.blocks import NORMS
 from unet.checkpoint import (
     BEST_NAME, LAST_NAME, Checkpoint, load_training_checkpoint, resolve_resume, rng_state, save_checkpoint,
     set_rng_state,
@@ -52,6 +55,7 @@ from unet.inference import confusion_matrices
 from unet.losses import SegmentationLoss
 from unet.metrics import ConfusionMatrix
 from unet.model import PRESETS, AttentionUNet, UNetConfig, build_model
+from unet.normalization import discard_step, end_step
 from unet.run_log import RunLog
 
 
@@ -92,6 +96,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     model.add_argument("--local-attention-levels", type=level_list, default=None,
                        help="decoder levels with local attention, e.g. 0,1 (default: the preset's)")
+    model.add_argument("--norm", choices=NORMS, default=None,
+                       help="normalization layers: group (GroupNorm), batch (BatchNorm) or subbatch (BatchNorm "
+                            "over each sub-batch blended with the previous step's, paper section 6.4; "
+                            "default: the preset's, group)")
+    model.add_argument("--subbatch-extrapolate", action="store_true", default=None,
+                       help="with --norm subbatch: extrapolate the previous steps' statistics to this step")
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     model.add_argument("--channels-last", action="store_true")
     model.add_argument("--compile", action="store_true", help="torch.compile the model and the loss")
@@ -125,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.val_fraction >= 1:
         parser.error(f"argument --val-fraction: expected a fraction in (0, 1), got {args.val_fraction}")
+    if args.subbatch_extrapolate and args.norm != "subbatch":
+        parser.error("argument --subbatch-extrapolate: needs --norm subbatch")
     if args.output is None:
         args.output = str(Path("runs") / args.preset)
     return args
@@ -230,16 +242,34 @@ def data_config_from_args(args: argparse.Namespace) -> dict:
     }
 
 
+# UNetConfig fields a flag sets; a flag left out (None) keeps the preset's value.
+MODEL_FLAGS = {"local_attention_levels": "--local-attention-levels", "norm": "--norm",
+               "subbatch_extrapolate": "--subbatch-extrapolate"}
+
+
+def model_flags(args: argparse.Namespace) -> dict:
+    """The UNetConfig fields given on the command line."""
+    return {field: getattr(args, field) for field in MODEL_FLAGS if getattr(args, field) is not None}
+
+
+def check_resume_flags(args: argparse.Namespace, config: UNetConfig) -> None:
+    """A resumed run keeps the checkpoint's network: a model flag asking for another one is an error."""
+    conflicts = [f"{MODEL_FLAGS[field]} {value!r} (the checkpoint has {getattr(config, field)!r})"
+                 for field, value in model_flags(args).items() if value != getattr(config, field)]
+    if conflicts:
+        raise ValueError(f"--resume continues the checkpoint's model, which the flags contradict: "
+                         f"{', '.join(conflicts)}; drop those flags, or start a new run in another --output")
+
+
 def build_run_model(args: argparse.Namespace, model_config: dict | None, device: torch.device) -> AttentionUNet:
     """The network as a checkpoint's config describes it, or a fresh one from the flags."""
     if model_config is not None:
-        model = AttentionUNet(UNetConfig.from_dict(model_config))
+        config = UNetConfig.from_dict(model_config)
+        check_resume_flags(args, config)
+        model = AttentionUNet(config)
     else:
-        overrides = {"image_size": args.image_size}
-        if args.local_attention_levels is not None:
-            overrides["local_attention_levels"] = args.local_attention_levels
         seed_everything(args.seed)  # the same initial weights on every process
-        model = build_model(args.preset, **overrides)
+        model = build_model(args.preset, image_size=args.image_size, **model_flags(args))
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
     if args.channels_last:
@@ -288,7 +318,11 @@ class Trainer:
         schedule = warmup_cosine(warmup, args.epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp == "fp16")
-        self.forward_model = DistributedDataParallel(model) if info.enabled else model
+        # Sub-batch normalization must not have its buffers broadcast by rank 0 before every forward
+        # (a synchronization inside the forward, and it would overwrite each rank's recorded
+        # statistics): end_step leaves them identical on every rank instead.
+        self.forward_model = (DistributedDataParallel(model, broadcast_buffers=model.config.norm != "subbatch")
+                              if info.enabled else model)
         if args.compile:
             # Static shapes: an epoch's last, smaller batch compiles once more instead of every kernel
             # turning shape-generic. The loss is compiled too, so its float32 casts fuse.
@@ -317,6 +351,7 @@ class Trainer:
         """Continue from `state_dict()`'s output; mid-epoch, the RNG streams too, exactly where they stood."""
         checkpoint = Checkpoint.from_dict(state)
         self.model.load_state_dict(checkpoint.model)
+        discard_step(self.model)  # sub-batch statistics recorded before the load belong to no step of it
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.scheduler.load_state_dict(checkpoint.scheduler)
         self.scaler.load_state_dict(checkpoint.scaler)
@@ -359,6 +394,9 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        # Closes the step's sub-batch statistics on every rank, also when the scaler skipped the step:
+        # they were recorded all the same. Before any checkpoint; a no-op without sub-batch norms.
+        end_step(self.model)
         self.global_step += 1
         self.step_in_epoch += 1
         self.step_losses.append(loss)
@@ -531,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         result = train(args)
-    except (NonFiniteLossError, FileNotFoundError, ValueError) as error:
+    except (NonFiniteLossError, FloatingPointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if result.exit_code == 0:
