@@ -16,8 +16,8 @@
 # The device call of a future session (nothing to carry: the build happens there, for its
 # Python 3.12 and torch 2.11):
 #   run(command="bash benchmarks/gpu_check.sh $OUT", timeout_s=540)
-# Step limits (seconds; each may be overridden from the environment): build 120, tests 120,
-# memcheck 40, racecheck 40, benchmarks 140 (their own budget 110 inside), summary 15: 475 s if
+# Step limits (seconds; each may be overridden from the environment): build 120, tests 150,
+# memcheck 35, racecheck 35, benchmarks 120 (their own budget 95 inside), summary 15: 475 s if
 # every step ran to its limit; expected about 6 minutes (the build took 75-85 s there).
 set -uo pipefail
 
@@ -35,10 +35,10 @@ cd "$(dirname "$0")/.." || exit 2
 
 python=${PYTHON:-python3}
 build_limit=${BUILD_LIMIT:-120}
-tests_limit=${TESTS_LIMIT:-120}
-sanitizer_limit=${SANITIZER_LIMIT:-40}
-bench_limit=${BENCH_LIMIT:-140}
-bench_budget=${BENCH_BUDGET:-110}
+tests_limit=${TESTS_LIMIT:-150}
+sanitizer_limit=${SANITIZER_LIMIT:-35}
+bench_limit=${BENCH_LIMIT:-120}
+bench_budget=${BENCH_BUDGET:-95}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 summary="$out/summary.md"
 : >"$summary"
