@@ -219,7 +219,7 @@ def test_bounds_catch_kernel_bugs(dtype, bug):
     args = (q, k, v, rpb, grad_out, block_size, scale, symmetric)
     wrong = oracle_results(q, k, v, wrong_rpb, grad_out, block_size, scale, symmetric)
     expected, allowed = oracle_results(*args), allowed_errors(*args)
-    for name in ("out", "grad_q", "grad_k", "grad_v"):
+    for name in ("out", *GRADIENTS):
         with pytest.raises(AssertionError, match="exceeds the rounding bound"):
             assert_within_bounds({name: wrong[name].to(dtype)}, expected, allowed, bug)
 
