@@ -224,6 +224,7 @@ def test_bounds_catch_kernel_bugs(dtype, bug):
             assert_within_bounds({name: wrong[name].to(dtype)}, expected, allowed, bug)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("implementation", ("reference", "cpu kernel"))
 def test_bounds_hold_for_other_summation_orders(dtype, implementation):
@@ -233,7 +234,7 @@ def test_bounds_hold_for_other_summation_orders(dtype, implementation):
         pytest.skip("localattn._C is not built")
     backend = "reference" if implementation == "reference" else "kernel"
     rng = random.Random(f"other-orders-{dtype}")
-    for seed in range(4):
+    for seed in range(3):
         config = random_config(rng, dtype, max_side=11, dims=(3, 16, 64, 128))
         shape, block_size, symmetric = config["shape"], config["block_size"], config["symmetric"]
         q, k, v, rpb = random_inputs(shape, block_size, dtype, seed=seed, requires_grad=True)
@@ -268,7 +269,7 @@ def test_emulated_tile_sizes(monkeypatch, tile_blocks):
     monkeypatch.setenv("LOCALATTN_CUDA_TILE_BLOCKS", tile_blocks)
     kernels = emulated_kernels()
     rng = random.Random(f"tile-blocks-{tile_blocks}")
-    for seed in range(4):
+    for seed in range(3):
         config = random_config(rng, DTYPES[seed], max_side=13, dims=(8, 16, 40, 64))
         check_against_oracle(kernels, **config, dtype=DTYPES[seed], seed=seed)
 
