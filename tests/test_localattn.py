@@ -270,6 +270,24 @@ def test_kernel_rejects_bad_input_with_clear_message():
 
 
 @needs_cpu_kernel
+def test_kernel_backward_takes_saved_tensors_in_any_layout():
+    """torch.compile before torch 2.6 may re-lay out the tensors saved for the backward (lse was
+    seen with strides (270, 1, 30, 10)): the backward op copies them, with the same result."""
+    q, k, v, rpb = random_inputs((2, 5, 6, 3, 4), 2, seed=1)
+    out, lse = torch.ops.localattn.local_attention2d_forward(q, k, v, rpb, 2, 0.5, False)
+    grad_out = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(2))
+    backward = torch.ops.localattn.local_attention2d_backward
+
+    def relaid(t):  # the same values, stored with the height innermost
+        return t.transpose(1, -1).contiguous().transpose(1, -1)
+
+    expected = backward(grad_out, q, k, v, rpb, out, lse, 2, 0.5, False)
+    actual = backward(relaid(grad_out), q, k, relaid(v), rpb, relaid(out), relaid(lse), 2, 0.5, False)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@needs_cpu_kernel
 def test_kernel_backward_rejects_bad_saved_tensors():
     q, k, v, rpb = random_inputs((1, 4, 4, 2, 3), 2)
     out, lse = torch.ops.localattn.local_attention2d_forward(q, k, v, rpb, 2, 1.0, False)

@@ -1,4 +1,7 @@
-"""localattn.LocalAttention2d: shapes, layouts, dtypes, state_dict, errors, torch.compile."""
+"""localattn.LocalAttention2d: shapes, layouts, dtypes, state_dict, errors, torch.compile.
+
+Tests that take a `device` run on the CPU and, with a GPU (marker `cuda`), on it: the layer with
+the CUDA kernels, autocast, channels_last and torch.compile there."""
 
 import pytest
 import torch
@@ -7,9 +10,14 @@ from torch import nn
 import localattn
 from localattn.functional import kernel_available
 
-needs_cpu_kernel = pytest.mark.skipif(
-    not kernel_available("cpu"), reason="localattn._C has no CPU kernel (extension not built)"
-)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def require_kernel(device):
+    if device == "cuda":
+        assert kernel_available("cuda"), "no CUDA kernel: build localattn._C with LOCALATTN_WITH_CUDA=1"
+    elif not kernel_available("cpu"):
+        pytest.skip("localattn._C has no CPU kernel (extension not built)")
 
 
 def make_layer(seed=0, **kwargs):
@@ -54,10 +62,11 @@ def test_explicit_head_dim_need_not_divide_channels():
     assert layer(torch.randn(1, 10, 5, 4)).shape == (1, 6, 5, 4)
 
 
-@needs_cpu_kernel
-def test_kernel_and_reference_backends_agree_with_gradients():
-    layers = [make_layer(backend=backend).double() for backend in ("kernel", "reference")]
-    x = torch.randn(2, 12, 9, 6, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_and_reference_backends_agree_with_gradients(device):
+    require_kernel(device)
+    layers = [make_layer(backend=backend).double().to(device) for backend in ("kernel", "reference")]
+    x = torch.randn(2, 12, 9, 6, dtype=torch.float64, device=device)
     outputs, grads = [], []
     for layer in layers:
         out = layer(x)
@@ -69,9 +78,10 @@ def test_kernel_and_reference_backends_agree_with_gradients():
         torch.testing.assert_close(kernel_grad, reference_grad)
 
 
-def test_channels_last_input_gives_the_same_result():
-    layer = make_layer()
-    x = torch.randn(2, 12, 6, 10)
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_input_gives_the_same_result(device):
+    layer = make_layer().to(device)
+    x = torch.randn(2, 12, 6, 10, device=device)
     out = layer(x)
     out_channels_last = layer(x.contiguous(memory_format=torch.channels_last))
     assert out_channels_last.is_contiguous(memory_format=torch.channels_last)
@@ -87,10 +97,11 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(other(x), layer(x))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_float64_and_bfloat16_models(backend):
-    layer = make_layer(backend=backend)
-    x = torch.randn(2, 12, 6, 7)
+def test_float64_and_bfloat16_models(backend, device):
+    layer = make_layer(backend=backend).to(device)
+    x = torch.randn(2, 12, 6, 7, device=device)
     expected = layer.double()(x.double())
     assert expected.dtype == torch.float64
     out = layer.bfloat16()(x.bfloat16())
@@ -100,10 +111,11 @@ def test_float64_and_bfloat16_models(backend):
     assert layer.relative_position_bias.grad.dtype == torch.bfloat16
 
 
-def test_autocast_bfloat16_with_float32_parameters():
-    layer = make_layer()
-    x = torch.randn(1, 12, 6, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_bfloat16_with_float32_parameters(device):
+    layer = make_layer().to(device)
+    x = torch.randn(1, 12, 6, 6, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = layer(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), layer(x), atol=5e-2, rtol=5e-2)
@@ -111,13 +123,14 @@ def test_autocast_bfloat16_with_float32_parameters():
     assert layer.relative_position_bias.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_autocast_bias_gradient_is_not_rounded_to_bfloat16(backend):
+def test_autocast_bias_gradient_is_not_rounded_to_bfloat16(backend, device):
     """Under bf16 autocast the float32 table goes to the op as it is (the rpb dtype rule), so its
     gradient is summed in float32; through a bf16 copy it would hold bf16 values only."""
-    layer = make_layer(backend=backend)
-    x = torch.randn(1, 12, 6, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    layer = make_layer(backend=backend).to(device)
+    x = torch.randn(1, 12, 6, 6, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = layer(x)
     out.float().sum().backward()
     grad = layer.relative_position_bias.grad
@@ -158,7 +171,9 @@ def test_forward_errors():
     # also generates C++ code, which takes most of a minute on 2 cores.
     ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)],
 )
-def test_torch_compile_fullgraph_matches_eager(compile_backend):
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_matches_eager(compile_backend, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full-precision convolutions
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -166,8 +181,8 @@ def test_torch_compile_fullgraph_matches_eager(compile_backend):
         localattn.LocalAttention2d(12, 12, heads=3, block_size=2),
         nn.GELU(),
         nn.Conv2d(12, 2, 1),
-    )
-    x = torch.randn(2, 3, 10, 9)
+    ).to(device)
+    x = torch.randn(2, 3, 10, 9, device=device)
     compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
     out = compiled(x)
     torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)

@@ -15,8 +15,11 @@ namespace {
 
 constexpr const char* kWhere = "local_attention2d (CPU)";
 
-// The kernels index raw pointers: unlike the CUDA ops, which copy strided inputs, these require
-// contiguous tensors (localattn.local_attention2d passes contiguous ones).
+// The kernels index raw pointers: unlike the CUDA ops, which copy strided inputs, the forward
+// requires contiguous tensors (localattn.local_attention2d passes contiguous ones). The
+// backward's inputs come from autograd, not the caller, and torch.compile before torch 2.6
+// re-lays out saved tensors (lse with strides (270, 1, 30, 10) was seen under torch 2.4 and
+// 2.5): it takes contiguous copies where needed.
 void check_contiguous(std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
   for (const auto& [name, t] : tensors) {
     TORCH_CHECK_VALUE(t->is_contiguous(), kWhere, ": ", name, " must be contiguous");
@@ -51,13 +54,14 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
 
 // grad_rpb comes back in the dtype of rpb (float32 for a float32 table with half inputs).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t block_size,
-    double scale, bool symmetric) {
-  check_inputs(kWhere, at::kCPU, q, k, v, rpb, block_size);
-  check_backward_inputs(kWhere, grad_out, out, lse, q);
-  check_contiguous({{"grad_out", &grad_out}, {"q", &q}, {"k", &k}, {"v", &v}, {"rpb", &rpb},
-                    {"out", &out}, {"lse", &lse}});
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& rpb_in, const at::Tensor& out_in,
+    const at::Tensor& lse_in, int64_t block_size, double scale, bool symmetric) {
+  check_inputs(kWhere, at::kCPU, q_in, k_in, v_in, rpb_in, block_size);
+  check_backward_inputs(kWhere, grad_out_in, out_in, lse_in, q_in);
+  const at::Tensor grad_out = grad_out_in.contiguous(), q = q_in.contiguous(),
+                   k = k_in.contiguous(), v = v_in.contiguous(), rpb = rpb_in.contiguous(),
+                   out = out_in.contiguous(), lse = lse_in.contiguous();
   const Geometry g = geometry(q, block_size, symmetric);
   const auto acc_options = q.options().dtype(accumulate_type(q.scalar_type()));
   at::Tensor grad_q = at::empty(q.sizes(), acc_options);

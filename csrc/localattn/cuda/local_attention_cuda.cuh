@@ -28,6 +28,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -91,10 +92,13 @@ struct TilePosition {
   int n, h, block_y0, block_x0;
 };
 
+// The grid is one-dimensional, blockIdx.x = (n * tiles + tile) * heads + h (launch_grid): grid y
+// and z stop at 65535, x at 2^31 - 1.
 __device__ inline TilePosition tile_position(const Geometry& g) {
-  const int tile = blockIdx.x / g.heads;
-  return {static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.x % g.heads),
-          (tile / g.tiles_x) * g.tile_blocks, (tile % g.tiles_x) * g.tile_blocks};
+  const int index = static_cast<int>(blockIdx.x);
+  const int tile = index / g.heads % g.tiles;
+  return {index / g.heads / g.tiles, index % g.heads, (tile / g.tiles_x) * g.tile_blocks,
+          (tile % g.tiles_x) * g.tile_blocks};
 }
 
 struct Pixel {
@@ -394,17 +398,21 @@ int64_t set_tiling(Geometry& g, BytesOf bytes_of) {
                     g.block, " needs ", bytes,
                     " bytes of shared memory, more than the device has (", limits.per_block,
                     "); use a smaller head size or the CPU");
-  const int blocks_y = (g.height + g.block - 1) / g.block;
-  const int blocks_x = (g.width + g.block - 1) / g.block;
-  g.tiles_x = (blocks_x + g.tile_blocks - 1) / g.tile_blocks;
-  g.tiles = g.tiles_x * ((blocks_y + g.tile_blocks - 1) / g.tile_blocks);
+  const int64_t blocks_y = (g.height + g.block - 1) / g.block;
+  const int64_t blocks_x = (g.width + g.block - 1) / g.block;
+  const int64_t tiles_x = (blocks_x + g.tile_blocks - 1) / g.tile_blocks;
+  const int64_t tiles = tiles_x * ((blocks_y + g.tile_blocks - 1) / g.tile_blocks);
+  TORCH_CHECK_VALUE(tiles <= INT_MAX, "local_attention2d (CUDA): image too large: ", g.height,
+                    " x ", g.width, " makes ", tiles, " tiles");
+  g.tiles_x = static_cast<int>(tiles_x);
+  g.tiles = static_cast<int>(tiles);
   return bytes;
 }
 
 // Raises the dynamic shared-memory limit of `kernel` to `bytes` when above the default 48 KiB.
 void allow_shared_memory(const void* kernel, int64_t bytes);
 
-// Grid of one launch: x = tile * heads + head, y = batch item.
+// Grid of one launch: one thread block per (batch item, tile, head), all along x.
 dim3 launch_grid(const Geometry& g, int64_t batch);
 
 // Threads per block: kThreads, or fewer (whole warps) when a small tile has fewer work items

@@ -69,12 +69,11 @@ void allow_shared_memory(const void* kernel, int64_t bytes) {
 }
 
 dim3 launch_grid(const Geometry& g, int64_t batch) {
-  const int64_t blocks = static_cast<int64_t>(g.tiles) * g.heads;
-  TORCH_CHECK_VALUE(blocks <= INT_MAX, "local_attention2d (CUDA): image too large: ", g.tiles,
-                    " tiles x ", g.heads, " heads exceeds the grid limit");
-  TORCH_CHECK_VALUE(batch <= 65535, "local_attention2d (CUDA): batch must be <= 65535, got ",
-                    batch);
-  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(batch));
+  const int64_t blocks = batch * g.tiles * g.heads;
+  TORCH_CHECK_VALUE(blocks >= 1 && blocks <= INT_MAX, "local_attention2d (CUDA): ", batch,
+                    " images x ", g.tiles, " tiles x ", g.heads,
+                    " heads is outside the grid limit of 1 to 2^31-1 thread blocks");
+  return dim3(static_cast<unsigned>(blocks));
 }
 
 int launch_threads(const Geometry& g) {
