@@ -17,7 +17,8 @@ from unet.model import to_probabilities
 from unet.postprocess_config import PostprocessConfig
 
 TRAIN_FLAGS = ["--num-images", "8", "--val-fraction", "0.25", "--image-size", "32", "--batch-size", "4",
-               "--workers", "0", "--threads", "1", "--lr", "3e-3", "--warmup-steps", "1", "--device", "cpu"]
+               "--workers", "0", "--threads", "1", "--lr", "3e-3", "--warmup-steps", "1", "--device", "cpu",
+               "--tune-trials", "0"]
 
 
 @pytest.fixture(scope="module")

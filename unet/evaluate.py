@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -96,7 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       default=0.5, help="share of the images held out of the search and scored after it "
                                         "(default 0.5; 0: score on the tuning images)")
     tune.add_argument("--processes", type=non_negative_int, default=None,
-                      help="processes scoring trials (default: the CPU count; 0: in this process)")
+                      help="processes scoring trials (default: one per CPU, at most 8, at least 20 trials each; "
+                           "0: in this process)")
     tune.add_argument("--tune-output", default=None, metavar="PATH",
                       help=f"where the best settings go (default: {postprocess_config.CONFIG_NAME} beside the checkpoint)")
     return parser
@@ -110,7 +110,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.tune and args.postprocess_config is not None:
         parser.error("--postprocess-config: --tune searches the settings itself; leave it out")
     if args.processes is None:
-        args.processes = os.cpu_count() or 1
+        args.processes = tuning.default_processes(args.trials)
 
 
 def write_trials(trials: list[tuning.Trial], output_dir: Path) -> Path:

@@ -21,6 +21,7 @@ post-processed whole).
 from __future__ import annotations
 
 import math
+import os
 import signal
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -39,6 +40,17 @@ from unet.metrics import ConfusionMatrix
 from unet.postprocess_config import PostprocessConfig
 
 IMAGES_PER_CALL = 64  # images post-processed per call: bounds the memory of one trial
+TRIALS_PER_PROCESS = 20  # a worker's start-up (it imports torch) costs seconds: worth it over tens of trials
+MAX_PROCESSES = 8  # each worker holds its own torch; the probabilities are shared
+
+
+def default_processes(trials: int) -> int:
+    """Processes for a search of `trials`: one per CPU, at most `MAX_PROCESSES`, each with at least
+    `TRIALS_PER_PROCESS` trials; 0 (this process, whose post-processing is parallel over images on
+    torch's threads) when that leaves fewer than 2."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = min(cpus, MAX_PROCESSES, trials // TRIALS_PER_PROCESS)
+    return processes if processes >= 2 else 0
 
 
 @dataclass(frozen=True)
