@@ -2,6 +2,7 @@
 its best really the best, the same in a process pool, interruptible), the held-out split."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -126,6 +127,22 @@ def test_search_in_a_process_pool_gives_the_same_trials(data):
     for a, b in zip(in_process.trials, pooled.trials):
         assert torch.equal(a.matrix.matrix, b.matrix.matrix)
     assert pooled.best.index == in_process.best.index
+
+
+def _die(index, config):
+    """A pool task whose worker process dies (pickled by reference: the worker imports this module)."""
+    os._exit(3)
+
+
+@pytest.mark.slow  # starts Python processes that import torch
+def test_a_dead_worker_leaves_its_trials_to_this_process(data, monkeypatch):
+    configs = tuning.sample_configs(4, seed=4)
+    monkeypatch.setattr(tuning, "_score_in_worker", _die)
+    with pytest.warns(RuntimeWarning, match="tuning: a worker process failed .*; the other trials run in this process"):
+        result = tuning.search(configs, data, processes=2, progress=False)
+    assert [trial.index for trial in result.trials] == [0, 1, 2, 3] and not result.interrupted
+    for trial, config in zip(result.trials, configs):
+        assert np.array_equal(trial.matrix.matrix.numpy(), direct_count(config, data, 0))
 
 
 def test_ctrl_c_keeps_the_trials_scored_so_far(data, monkeypatch):

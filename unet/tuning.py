@@ -23,8 +23,10 @@ from __future__ import annotations
 import math
 import os
 import signal
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,11 +208,24 @@ def _score_in_worker(index: int, config: PostprocessConfig) -> tuple[int, torch.
 
 def _scored_trials(configs: Sequence[PostprocessConfig], data: TuningData, interior: int,
                    processes: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, confusion counts) of each trial as it finishes: in this process, or in a pool."""
-    if processes <= 1:
-        for index, config in enumerate(configs):
+    """(index, confusion counts) of each trial as it finishes: in a pool, or in this process (also
+    for the trials left when a worker dies: the search goes on, slower, rather than failing)."""
+    done: set[int] = set()
+    if processes > 1:
+        try:
+            for index, counts in _scored_in_pool(configs, data, interior, processes):
+                done.add(index)
+                yield index, counts
+        except BrokenProcessPool as error:
+            warnings.warn(f"tuning: a worker process failed ({error}); the other trials run in this process",
+                          RuntimeWarning, stacklevel=2)
+    for index, config in enumerate(configs):
+        if index not in done:
             yield index, score(config, data, interior).matrix
-        return
+
+
+def _scored_in_pool(configs: Sequence[PostprocessConfig], data: TuningData, interior: int,
+                    processes: int) -> Iterator[tuple[int, torch.Tensor]]:
     for tensor in (data.probs, data.boundary, data.labels):
         tensor.share_memory_()  # the workers map these pages instead of receiving copies
     context = torch.multiprocessing.get_context("spawn")  # no fork of a process running torch threads
