@@ -394,6 +394,17 @@ def test_a_finished_run_tunes_the_post_processing_of_best_pt(tmp_path, capsys):
     assert written == tuning.sample_configs(3, seed=0)[record["best_trial"]].to_dict()
 
 
+def test_a_run_with_the_default_tuning_flag_writes_postprocess_json(tmp_path, monkeypatch):
+    """Without --tune-trials (the default command's case) a run tunes with 100 trials; in this process
+    here, as the pool of a real run would only cost process start-ups on 1 tuning image."""
+    flags = tiny_flags(tmp_path, "--epochs", "1")
+    del flags[flags.index("--tune-trials") : flags.index("--tune-trials") + 2]
+    monkeypatch.setattr(tuning, "default_processes", lambda trials: 0)
+    assert train.main(flags) == 0
+    record = json.loads((tmp_path / "postprocess.json").read_text())["tuning"]
+    assert record["checkpoint"] == "best.pt" and record["trials_scored"] == record["trials_planned"] == 100
+
+
 def test_a_validation_split_too_small_to_tune_on_is_reported(tmp_path, capsys):
     assert train.main(tiny_flags(tmp_path, "--epochs", "1", "--val-fraction", "0.05", "--tune-trials", "3")) == 0
     assert "post-processing not tuned: holdout: 0.5 of 1 images leaves one part empty" in capsys.readouterr().out
