@@ -253,7 +253,13 @@ def test_evaluate_and_predict_pick_up_the_settings_beside_the_checkpoint(run_cop
     labels, regions = postprocess.postprocess(probs.numpy(), boundary.numpy(), return_regions=True, **SETTINGS.kwargs())
     assert np.array_equal(np.array(Image.open(out / "c_labels.png")), labels[0])
     assert np.array_equal(np.array(Image.open(out / "c_regions.png")), regions[0] + 1)
-    assert not np.array_equal(labels, postprocess.postprocess(probs.numpy(), boundary.numpy()))  # the file mattered
+    with_defaults = postprocess.postprocess(probs.numpy(), boundary.numpy())
+    assert not np.array_equal(labels, with_defaults)  # the file mattered
+
+    named = PostprocessConfig().save(tmp_path / "named.json")  # a file named on the command line wins
+    assert predict.main([*argv, "--postprocess-config", str(named)]) == 0
+    assert f"post-processing settings from {named}" in capsys.readouterr().out
+    assert np.array_equal(np.array(Image.open(out / "c_labels.png")), with_defaults[0])
 
 
 def test_evaluate_tune_writes_the_best_settings_beside_the_checkpoint(run_copy, capsys):
@@ -277,16 +283,9 @@ def test_evaluate_tune_writes_the_best_settings_beside_the_checkpoint(run_copy, 
     assert record["scores"]["tuning"]["tuned"]["mean_iou"] == pytest.approx(float(best["mean_iou"]))
 
 
-def test_evaluate_tune_interrupted_writes_the_best_so_far(run_copy, capsys, monkeypatch):
-    score, calls = tuning.score, []
-
-    def interrupted_on_the_third_trial(config, data, interior=0):
-        calls.append(config)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return score(config, data, interior)
-
-    monkeypatch.setattr(tuning, "score", interrupted_on_the_third_trial)
+def test_evaluate_tune_interrupted_writes_the_best_so_far(run_copy, capsys, ctrl_c_in_tuning):
+    score = tuning.score
+    ctrl_c_in_tuning(3)
     argv = ["--checkpoint", str(run_copy), "--device", "cpu", "--tune", "--trials", "5", "--processes", "0",
             "--holdout", "0"]
     assert evaluate.main(argv) == 130

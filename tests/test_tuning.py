@@ -145,18 +145,10 @@ def test_a_dead_worker_leaves_its_trials_to_this_process(data, monkeypatch):
         assert np.array_equal(trial.matrix.matrix.numpy(), direct_count(config, data, 0))
 
 
-def test_ctrl_c_keeps_the_trials_scored_so_far(data, monkeypatch):
+def test_ctrl_c_keeps_the_trials_scored_so_far(data, ctrl_c_in_tuning):
     configs = tuning.sample_configs(6, seed=1)
-    calls = []
     score = tuning.score
-
-    def interrupted_on_the_fourth_trial(config, data, interior=0):
-        calls.append(config)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return score(config, data, interior)
-
-    monkeypatch.setattr(tuning, "score", interrupted_on_the_fourth_trial)
+    calls = ctrl_c_in_tuning(4)
     result = tuning.search(configs, data, progress=False)
     assert result.interrupted and result.planned == 6 and len(calls) == 4
     assert [trial.index for trial in result.trials] == [0, 1, 2]
