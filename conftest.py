@@ -19,3 +19,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def ctrl_c_in_tuning(monkeypatch):
+    """`ctrl_c_in_tuning(n)`: `unet.tuning.score` raises KeyboardInterrupt on its n-th call (the
+    others score as usual); returns the list of the settings it was called with."""
+    from unet import tuning  # here, not at the top: every test loads this file, most need no unet._C
+
+    def on_call(n: int) -> list:
+        calls, score = [], tuning.score
+
+        def interrupted(config, data, interior=0):
+            calls.append(config)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return score(config, data, interior)
+
+        monkeypatch.setattr(tuning, "score", interrupted)
+        return calls
+
+    return on_call

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from unet import inference, postprocess
 from unet.labels import NUM_LABELS
 from unet.model import build_model, to_probabilities
+from unet.postprocess_config import PostprocessConfig
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,28 @@ def test_label_map_argmax_regions_are_the_boundary_segmentation_of_dust_fill():
     assert int(regions.max()) >= 1 and bool((regions == -1).any())  # several regions and some boundary
 
 
+def test_label_map_post_processes_with_the_settings_given():
+    probs, boundary = random_probabilities(2, 30, 26, seed=4)
+    config = PostprocessConfig(boundary_threshold=0.3, gap_iterations=1, min_size=0, new_threshold=0.8,
+                               join_threshold=0.3, impatience=3.0, boundary_method="close_gaps")
+    labels, regions = inference.label_map("dust_fill", probs, boundary, return_regions=True, postprocess_config=config)
+    expected, expected_regions = postprocess.postprocess(probs, boundary, 0.3, 1, 0, 0.8, 0.3, 3.0,
+                                                         boundary_method="close_gaps", return_regions=True)
+    assert torch.equal(labels, expected) and torch.equal(regions, expected_regions)
+    assert not torch.equal(regions, postprocess.boundary_regions(boundary))  # the settings mattered
+    argmax, argmax_regions = inference.label_map("argmax", probs, boundary, return_regions=True,
+                                                 postprocess_config=config)
+    assert torch.equal(argmax, probs.argmax(1)) and torch.equal(argmax_regions, expected_regions)
+
+
+def test_crop_leaves_out_a_frame():
+    maps = torch.arange(2 * 6 * 7).reshape(2, 6, 7)
+    assert torch.equal(inference.crop(maps, 2), maps[:, 2:4, 2:5])
+    assert inference.crop(maps, 0) is maps
+    with pytest.raises(ValueError, match=r"interior: expected a frame width in \[0, 2\] for 6x7 images, got 3"):
+        inference.crop(maps, 3)
+
+
 def test_label_map_rejects_an_unknown_method():
     probs, boundary = random_probabilities(1, 8, 8)
     with pytest.raises(ValueError, match=r"postprocess: expected one of \('argmax', 'dust_fill'\), got 'vote'"):
@@ -132,3 +155,18 @@ def test_confusion_matrices_count_every_pixel_once_and_restore_the_mode(model):
             np.add.at(expected, (batch["labels"].numpy().ravel(), predicted.numpy().ravel()), 1)
         assert np.array_equal(matrix.matrix.numpy(), expected), method
         assert int(matrix.matrix.sum()) == 2 * 2 * 16 * 24
+
+
+def test_confusion_matrices_with_settings_and_an_interior_count_the_cropped_maps(model):
+    generator = torch.Generator().manual_seed(5)
+    batches = [{"image": torch.rand(3, 3, 20, 24, generator=generator),
+                "labels": torch.randint(0, NUM_LABELS, (3, 20, 24), generator=generator)}]
+    config = PostprocessConfig(boundary_threshold=0.2, min_size=0)
+    matrices = inference.confusion_matrices(model, batches, "cpu", methods=("argmax", "dust_fill"), progress=False,
+                                            postprocess_config=config, interior=3)
+    probs, boundary = padded_by_hand(model, batches[0]["image"])
+    predicted = {"argmax": probs.argmax(1), "dust_fill": postprocess.postprocess(probs, boundary, **config.kwargs())}
+    for method, labels in predicted.items():
+        expected = np.zeros((NUM_LABELS, NUM_LABELS), dtype=np.int64)
+        np.add.at(expected, (batches[0]["labels"][:, 3:-3, 3:-3].numpy().ravel(), labels[:, 3:-3, 3:-3].numpy().ravel()), 1)
+        assert np.array_equal(matrices[method].matrix.numpy(), expected), method

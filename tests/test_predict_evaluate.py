@@ -2,20 +2,23 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from unet import evaluate, postprocess, predict, train
+from unet import evaluate, postprocess, predict, train, tuning
 from unet.checkpoint import load_checkpoint, load_model
 from unet.data import build_datasets, load_image
 from unet.labels import LABELS, NUM_LABELS, PALETTE
 from unet.model import to_probabilities
+from unet.postprocess_config import PostprocessConfig
 
 TRAIN_FLAGS = ["--num-images", "8", "--val-fraction", "0.25", "--image-size", "32", "--batch-size", "4",
-               "--workers", "0", "--threads", "1", "--lr", "3e-3", "--warmup-steps", "1", "--device", "cpu"]
+               "--workers", "0", "--threads", "1", "--lr", "3e-3", "--warmup-steps", "1", "--device", "cpu",
+               "--tune-trials", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +177,154 @@ def test_predict_errors(checkpoint, image_folder, tmp_path, capsys):
     assert "argument --alpha: expected a number in [0, 1], got 2" in capsys.readouterr().err
     assert predict.main(["--checkpoint", str(checkpoint), str(image_folder), "--max-size", "-3"]) == 1
     assert "--max-size: expected 0 or a positive number of pixels, got -3" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- post-processing settings, tuning
+
+SETTINGS = PostprocessConfig(boundary_threshold=0.3, gap_iterations=2, min_size=0, new_threshold=0.9,
+                             join_threshold=0.2, impatience=2.0, boundary_method="close_gaps")
+
+
+@pytest.fixture
+def run_copy(checkpoint, tmp_path):
+    """The checkpoint alone in a fresh folder, so what is written beside it stays in one test."""
+    copy = tmp_path / "run" / "best.pt"
+    copy.parent.mkdir()
+    shutil.copy(checkpoint, copy)
+    return copy
+
+
+def direct_matrices(checkpoint, config, interior):
+    """argmax and dust_fill confusion counts on the validation split, computed without unet.inference."""
+    model, state = load_model(checkpoint)
+    _, val_ds = build_datasets(**dict(state["data_config"], augment=False))
+    counts = {"argmax": np.zeros((NUM_LABELS, NUM_LABELS), np.int64), "dust_fill": np.zeros((NUM_LABELS, NUM_LABELS), np.int64)}
+    frame = (slice(interior, -interior or None),) * 2
+    for item in val_ds:
+        probs, boundary = reference_probabilities(model, item["image"])
+        predicted = {"argmax": probs[0].argmax(0).numpy(),
+                     "dust_fill": postprocess.postprocess(probs.numpy(), boundary.numpy(), **config.kwargs())[0]}
+        for method, labels in predicted.items():
+            np.add.at(counts[method], (item["labels"].numpy()[frame].ravel(), labels[frame].ravel()), 1)
+    return counts
+
+
+def test_evaluate_with_settings_from_a_file_and_an_interior(checkpoint, tmp_path, capsys):
+    settings = SETTINGS.save(tmp_path / "settings.json")
+    argv = ["--checkpoint", str(checkpoint), "--output", str(tmp_path), "--device", "cpu",
+            "--postprocess-config", str(settings), "--interior", "2"]
+    assert evaluate.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"post-processing settings from {settings}" in printed and "without a 2-pixel frame" in printed
+    results = json.loads((tmp_path / "evaluation.json").read_text())
+    assert results["settings"] == {"postprocess": SETTINGS.to_dict(), "interior": 2}
+    expected = direct_matrices(checkpoint, SETTINGS, interior=2)
+    for method in ("argmax", "dust_fill"):
+        intersection = [results[method]["labels"][name]["intersection"] for name in LABELS]
+        union = [results[method]["labels"][name]["union"] for name in LABELS]
+        matrix = expected[method]
+        assert intersection == matrix.diagonal().tolist(), method
+        assert union == (matrix.sum(0) + matrix.sum(1) - matrix.diagonal()).tolist(), method
+        assert sum(results[method]["labels"][name]["true_mass"] for name in LABELS) == pytest.approx(1)
+    assert int(expected["argmax"].sum()) == 2 * 28 * 28  # two 32x32 validation images without the frame
+
+
+def test_evaluate_and_predict_pick_up_the_settings_beside_the_checkpoint(run_copy, image_folder, tmp_path, capsys):
+    beside = SETTINGS.save(run_copy.parent / "postprocess.json")
+    assert evaluate.main(["--checkpoint", str(run_copy), "--device", "cpu", "--methods", "dust_fill"]) == 0
+    assert f"post-processing settings from {beside} (found beside the checkpoint)" in capsys.readouterr().out
+    picked_up = json.loads((run_copy.parent / "evaluation.json").read_text())
+    assert picked_up["settings"]["postprocess"] == SETTINGS.to_dict()
+    expected = direct_matrices(run_copy, SETTINGS, interior=0)["dust_fill"]
+    assert [picked_up["dust_fill"]["labels"][n]["intersection"] for n in LABELS] == expected.diagonal().tolist()
+
+    assert evaluate.main(["--checkpoint", str(run_copy), "--device", "cpu", "--methods", "dust_fill",
+                          "--postprocess-config", "defaults"]) == 0
+    assert "post-processing settings: the defaults (--postprocess-config defaults)" in capsys.readouterr().out
+    defaults = json.loads((run_copy.parent / "evaluation.json").read_text())
+    assert defaults["settings"]["postprocess"] == PostprocessConfig().to_dict()
+
+    out = tmp_path / "predicted"
+    argv = ["--checkpoint", str(run_copy), str(image_folder / "c.png"), "--output", str(out), "--max-size", "0"]
+    assert predict.main(argv) == 0
+    assert f"post-processing settings from {beside} (found beside the checkpoint)" in capsys.readouterr().out
+    model, _ = load_model(run_copy)
+    probs, boundary = reference_probabilities(model, load_image(image_folder / "c.png"))
+    labels, regions = postprocess.postprocess(probs.numpy(), boundary.numpy(), return_regions=True, **SETTINGS.kwargs())
+    assert np.array_equal(np.array(Image.open(out / "c_labels.png")), labels[0])
+    assert np.array_equal(np.array(Image.open(out / "c_regions.png")), regions[0] + 1)
+    with_defaults = postprocess.postprocess(probs.numpy(), boundary.numpy())
+    assert not np.array_equal(labels, with_defaults)  # the file mattered
+
+    named = PostprocessConfig().save(tmp_path / "named.json")  # a file named on the command line wins
+    assert predict.main([*argv, "--postprocess-config", str(named)]) == 0
+    assert f"post-processing settings from {named}" in capsys.readouterr().out
+    assert np.array_equal(np.array(Image.open(out / "c_labels.png")), with_defaults[0])
+
+
+def test_evaluate_tune_writes_the_best_settings_beside_the_checkpoint(run_copy, capsys):
+    argv = ["--checkpoint", str(run_copy), "--device", "cpu", "--tune", "--trials", "4", "--processes", "0",
+            "--holdout", "0.5", "--seed", "3"]
+    assert evaluate.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "4 of 4 trials scored on 1 images" in printed
+    assert "tuning images (1)" in printed and "held-out images (1)" in printed and "tuned IoU" in printed
+    written = json.loads((run_copy.parent / "postprocess.json").read_text())
+    record = written.pop("tuning")
+    with (run_copy.parent / "tuning.csv").open() as f:
+        trials = list(csv.DictReader(f))
+    assert [int(row["trial"]) for row in trials] == [0, 1, 2, 3]
+    best = max(trials, key=lambda row: (float(row["mean_iou"]), -int(row["trial"])))
+    assert record["best_trial"] == int(best["trial"])
+    assert written == tuning.sample_configs(4, seed=3)[record["best_trial"]].to_dict()
+    assert record["checkpoint"] == "best.pt" and record["global_step"] == 4 and record["split"] == "val"
+    assert record["images"] == {"tuning": 1, "held_out": 1} and record["trials_scored"] == 4
+    assert set(record["scores"]["held_out"]) == {"argmax", "defaults", "tuned"}
+    assert record["scores"]["tuning"]["tuned"]["mean_iou"] == pytest.approx(float(best["mean_iou"]))
+
+
+def test_evaluate_tune_interrupted_writes_the_best_so_far(run_copy, capsys, ctrl_c_in_tuning):
+    score = tuning.score
+    ctrl_c_in_tuning(3)
+    argv = ["--checkpoint", str(run_copy), "--device", "cpu", "--tune", "--trials", "5", "--processes", "0",
+            "--holdout", "0"]
+    assert evaluate.main(argv) == 130
+    assert "2 of 5 trials scored (interrupted)" in capsys.readouterr().out
+    written = json.loads((run_copy.parent / "postprocess.json").read_text())
+    record = written.pop("tuning")
+    assert record["interrupted"] and record["trials_scored"] == 2 and record["images"] == {"tuning": 2}
+    first_two = tuning.sample_configs(5, seed=0)[:2]
+    data = tuning.TuningData(*_validation_outputs(run_copy))
+    scores = [score(config, data).mean_iou() for config in first_two]
+    assert written == first_two[int(scores[1] > scores[0])].to_dict()
+
+
+def _validation_outputs(checkpoint):
+    model, state = load_model(checkpoint)
+    _, val_ds = build_datasets(**dict(state["data_config"], augment=False))
+    outputs = [reference_probabilities(model, item["image"]) for item in val_ds]
+    return (torch.cat([p for p, _ in outputs]), torch.cat([b for _, b in outputs]),
+            torch.stack([item["labels"] for item in val_ds]))
+
+
+def test_settings_and_interior_errors(run_copy, image_folder, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"impatience": 0.5}')
+    assert evaluate.main(["--checkpoint", str(run_copy), "--postprocess-config", str(bad)]) == 1
+    assert f"error: {bad}: field 'impatience': expected a number > 1, got 0.5" in capsys.readouterr().err
+    assert predict.main(["--checkpoint", str(run_copy), str(image_folder), "--postprocess-config", str(bad)]) == 1
+    assert f"error: {bad}: field 'impatience'" in capsys.readouterr().err
+    assert predict.main(["--checkpoint", str(run_copy), str(image_folder), "--postprocess-config",
+                         str(tmp_path / "none.json")]) == 1
+    assert "postprocess config: no such file" in capsys.readouterr().err
+    (run_copy.parent / "postprocess.json").write_text("{not json")
+    assert evaluate.main(["--checkpoint", str(run_copy)]) == 1
+    assert "postprocess.json: not valid JSON" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(run_copy), "--interior", "16", "--postprocess-config", "defaults"]) == 1
+    assert "error: --interior: expected a frame width in [0, 15] for 32x32 images, got 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(run_copy), "--tune", "--postprocess-config", str(bad)])
+    assert "--postprocess-config: --tune searches the settings itself" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(run_copy), "--tune", "--holdout", "1"])
+    assert "argument --holdout: expected a fraction in [0, 1), got 1" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """unet.train: flags, optimizer groups, schedule, checkpoints, exact resume, stops, and DDP on gloo."""
 
+import json
 import math
 import os
 import re
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from unet import distributed, train
+from unet import distributed, train, tuning
 from unet.checkpoint import FORMAT_VERSION, Checkpoint, load_checkpoint, load_training_checkpoint, save_checkpoint
 from unet.distributed import EpochSampler
 from unet.losses import SegmentationLoss
@@ -26,10 +27,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_flags(output, *extra):
-    """A run of a few seconds: 12 training and 2 validation images of 32 px, 3 batches per epoch."""
+    """A run of a few seconds: 12 training and 2 validation images of 32 px, 3 batches per epoch, no tuning."""
     return ["--num-images", "12", "--val-fraction", "0.17", "--image-size", "32", "--batch-size", "4",
             "--workers", "0", "--threads", "1", "--epochs", "2", "--lr", "2e-3", "--warmup-steps", "2",
-            "--device", "cpu", "--output", str(output), *extra]
+            "--device", "cpu", "--output", str(output), "--tune-trials", "0", *extra]
 
 
 def params(model):
@@ -479,6 +480,40 @@ def test_verbose_prints_the_table_after_every_evaluation(tmp_path, capsys):
     assert len(epoch_lines) == 2 and len(tables) == 2
     assert tables[0] < epoch_lines[0] < tables[1] < epoch_lines[1]  # each table, then its epoch's line
     assert lines[-2].startswith("final mean IoU")
+
+
+TUNED_LINE = re.compile(r"post-processing tuned for best\.pt \(3 trials on 1 validation images\): mean IoU on the "
+                        r"1 others: argmax \d\.\d{4}, defaults \d\.\d{4}, tuned \d\.\d{4}; settings in (.+)")
+
+
+def test_a_finished_run_tunes_the_post_processing_of_best_pt(tmp_path, capsys):
+    assert train.main(tiny_flags(tmp_path, "--epochs", "1", "--tune-trials", "3")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3].startswith("final mean IoU") and lines[-1].startswith("wall time")
+    assert TUNED_LINE.fullmatch(lines[-2]).group(1) == str(tmp_path / "postprocess.json")
+    written = json.loads((tmp_path / "postprocess.json").read_text())
+    record = written.pop("tuning")
+    assert record["checkpoint"] == "best.pt" and record["split"] == "val" and record["data"] == "synthetic"
+    assert record["global_step"] == load_checkpoint(tmp_path / "best.pt")["global_step"] == 3
+    assert record["trials_scored"] == 3 and record["images"] == {"tuning": 1, "held_out": 1}
+    assert written == tuning.sample_configs(3, seed=0)[record["best_trial"]].to_dict()
+
+
+def test_a_run_with_the_default_tuning_flag_writes_postprocess_json(tmp_path, monkeypatch):
+    """Without --tune-trials (the default command's case) a run tunes with 100 trials; in this process
+    here, as the pool of a real run would only cost process start-ups on 1 tuning image."""
+    flags = tiny_flags(tmp_path, "--epochs", "1")
+    del flags[flags.index("--tune-trials") : flags.index("--tune-trials") + 2]
+    monkeypatch.setattr(tuning, "default_processes", lambda trials: 0)
+    assert train.main(flags) == 0
+    record = json.loads((tmp_path / "postprocess.json").read_text())["tuning"]
+    assert record["checkpoint"] == "best.pt" and record["trials_scored"] == record["trials_planned"] == 100
+
+
+def test_a_validation_split_too_small_to_tune_on_is_reported(tmp_path, capsys):
+    assert train.main(tiny_flags(tmp_path, "--epochs", "1", "--val-fraction", "0.05", "--tune-trials", "3")) == 0
+    assert "post-processing not tuned: holdout: 0.5 of 1 images leaves one part empty" in capsys.readouterr().out
+    assert not (tmp_path / "postprocess.json").exists()
 
 
 def test_without_evaluations_the_epoch_lines_hold_the_loss_only(tmp_path, capsys):

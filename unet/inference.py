@@ -6,9 +6,11 @@ them imports another; an application embedding the model calls them too.
 * `pad_to_multiple`, `resize`: the geometry around the network (any image size in, same size out);
 * `predict_probabilities`: label probabilities (B, L, H, W) and boundary probability (B, 1, H, W);
 * `label_map`: one label per pixel, by ``"argmax"`` or by the paper's post-processing
-  (``"dust_fill"``), optionally with the region map of the boundary segmentation;
+  (``"dust_fill"``, with the settings of a `PostprocessConfig`), optionally with the region map of
+  the boundary segmentation;
 * `predict_images`: all of the above for a list of images of any sizes;
-* `confusion_matrices`: a model scored on a data loader, one `ConfusionMatrix` per method.
+* `confusion_matrices`: a model scored on a data loader, one `ConfusionMatrix` per method,
+  optionally without a frame of `interior` pixels (`crop`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from unet.cli import autocast
 from unet.labels import NUM_LABELS
 from unet.metrics import ConfusionMatrix
 from unet.model import to_probabilities
+from unet.postprocess_config import PostprocessConfig
 
 POSTPROCESS_METHODS = ("argmax", "dust_fill")
 
@@ -60,25 +63,45 @@ def predict_probabilities(model, images: torch.Tensor, *, amp: str = "none", cha
     return probs[..., :height, :width].float(), boundary[..., :height, :width].float()
 
 
-def label_map(method: str, probs: torch.Tensor, boundary: torch.Tensor, *, return_regions: bool = False):
+def label_map(method: str, probs: torch.Tensor, boundary: torch.Tensor, *, return_regions: bool = False,
+              postprocess_config: PostprocessConfig | None = None):
     """Labels (B,H,W) int64 on the CPU from probabilities: plain argmax, or the paper's segment + DUST_FILL.
 
-    With `return_regions`, also the int32 region map (-1 where unassigned) of the boundary
-    segmentation; both methods return the same regions.
+    `postprocess_config` holds the post-processing settings (default: `PostprocessConfig()`, the
+    library's defaults). With `return_regions`, also the int32 region map (-1 where unassigned) of
+    the boundary segmentation with those settings; both methods return the same regions.
     """
     if method not in POSTPROCESS_METHODS:
         raise ValueError(f"postprocess: expected one of {POSTPROCESS_METHODS}, got {method!r}")
+    config = postprocess_config or PostprocessConfig()
     probs, boundary = probs.cpu(), boundary.cpu()
     if method == "dust_fill":
-        return postprocess.postprocess(probs, boundary, return_regions=return_regions)
+        return postprocess.postprocess(probs, boundary, return_regions=return_regions, **config.kwargs())
     labels = postprocess.argmax_labels(probs)
     if not return_regions:
         return labels
-    return labels, postprocess.boundary_regions(boundary)
+    return labels, postprocess.boundary_regions(
+        boundary, config.boundary_threshold, config.gap_iterations, config.min_size,
+        boundary_method=config.boundary_method,
+    )
 
 
-def predict_images(model, images: list[torch.Tensor], device, *, method: str, amp: str = "none", max_size: int = 0):
+def crop(maps: torch.Tensor, interior: int) -> torch.Tensor:
+    """The (..., H, W) maps without a frame `interior` pixels wide (scores that leave the edge out)."""
+    if interior == 0:
+        return maps
+    height, width = maps.shape[-2:]
+    if interior < 0 or 2 * interior >= min(height, width):
+        raise ValueError(f"interior: expected a frame width in [0, {(min(height, width) - 1) // 2}] for "
+                         f"{height}x{width} images, got {interior}")
+    return maps[..., interior : height - interior, interior : width - interior]
+
+
+def predict_images(model, images: list[torch.Tensor], device, *, method: str, amp: str = "none", max_size: int = 0,
+                   postprocess_config: PostprocessConfig | None = None):
     """(labels, regions) for each (3, H, W) image, at its own size, on the CPU.
+
+    `postprocess_config`: the post-processing settings (see `label_map`).
 
     With `max_size`, an image whose longest side differs is first resized to that side (the scale
     the network was trained at); the probabilities are resized back before post-processing.
@@ -95,17 +118,20 @@ def predict_images(model, images: list[torch.Tensor], device, *, method: str, am
         batch = resize(torch.stack([images[i] for i in indices]).to(device), *size)
         probs, boundary = predict_probabilities(model, batch, amp=amp)
         probs, boundary = resize(probs, height, width), resize(boundary, height, width)
-        labels, regions = label_map(method, probs, boundary, return_regions=True)
+        labels, regions = label_map(method, probs, boundary, return_regions=True, postprocess_config=postprocess_config)
         for j, i in enumerate(indices):
             results[i] = (labels[j], regions[j])
     return results
 
 
 @torch.no_grad()
-def confusion_matrices(model, loader, device, *, methods=("argmax",), amp="none", channels_last=False, progress=True):
+def confusion_matrices(model, loader, device, *, methods=("argmax",), amp="none", channels_last=False, progress=True,
+                       postprocess_config: PostprocessConfig | None = None, interior: int = 0):
     """Score `model` on `loader` (batches of "image" and "labels"), one `ConfusionMatrix` per method.
 
-    Only the data this process sees is counted; reduce across processes with ``.all_reduce()``.
+    Images are post-processed whole (with `postprocess_config`, see `label_map`); with `interior`,
+    a frame that many pixels wide is left out of the count. Only the data this process sees is
+    counted; reduce across processes with ``.all_reduce()``.
     """
     was_training = model.training
     model.eval()
@@ -115,8 +141,9 @@ def confusion_matrices(model, loader, device, *, methods=("argmax",), amp="none"
         probs, boundary = predict_probabilities(model, images, amp=amp, channels_last=channels_last)
         for method, matrix in matrices.items():
             if method == "argmax":  # no need for a round trip through the CPU post-processing
-                matrix.update(probs.argmax(1), target)
+                labels = probs.argmax(1)
             else:
-                matrix.update(label_map(method, probs, boundary).to(device), target)
+                labels = label_map(method, probs, boundary, postprocess_config=postprocess_config).to(device)
+            matrix.update(crop(labels, interior), crop(target, interior))
     model.train(was_training)
     return matrices

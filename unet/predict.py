@@ -2,6 +2,7 @@
 
     python -m unet.predict --checkpoint runs/tiny/best.pt photos/ --output predictions/
     python -m unet.predict --checkpoint runs/tiny/best.pt "shots/*.jpg" --postprocess argmax --device cuda
+    python -m unet.predict --checkpoint runs/tiny/best.pt photos/ --postprocess-config tuned.json
 
 For every input image ``<name>.<ext>`` the output folder receives
 
@@ -16,6 +17,10 @@ the checkpoint's training image size (the scale the network learned; ``--max-siz
 0 keeps the image's own), then padded (replicating the edge) up to a multiple of the model's
 ``input_multiple``; the probabilities are cropped and resized back before post-processing.
 Images of the same size share a batch.
+
+The post-processing settings are those of ``--postprocess-config`` if given, else the
+``postprocess.json`` beside the checkpoint (written by ``python -m unet.evaluate --tune``) if there is
+one, else the library's defaults; the tool says which it used.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from unet import postprocess_config
 from unet.checkpoint import load_model
 from unet.cli import AMP_DTYPES, number_type, positive_int
 from unet.data import IMAGE_SUFFIXES, load_image
@@ -79,6 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by unet.train")
     parser.add_argument("--output", default="predictions", help="folder for the PNGs (default: predictions)")
     parser.add_argument("--postprocess", choices=POSTPROCESS_METHODS, default="dust_fill")
+    parser.add_argument("--postprocess-config", default=None, metavar="PATH",
+                        help=f"post-processing settings (JSON); '{postprocess_config.DEFAULTS}' for the library's "
+                             f"(default: {postprocess_config.CONFIG_NAME} beside the checkpoint if there is one)")
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
@@ -105,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         paths = find_images(args.inputs)
-        model, _ = load_model(args.checkpoint, device)
+        model, state = load_model(args.checkpoint, device)
+        config, config_line = postprocess_config.resolve(args.postprocess_config, args.checkpoint,
+                                                         global_step=state.get("global_step"))
         if args.max_size is not None and args.max_size < 0:
             raise ValueError(f"--max-size: expected 0 or a positive number of pixels, got {args.max_size}")
     except (FileNotFoundError, ValueError) as error:
@@ -116,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     output_dir = Path(args.output)
     output_dir.mkdir(parents=True, exist_ok=True)
+    print(config_line)
 
     max_size = model.config.image_size if args.max_size is None else args.max_size
     failures: list[str] = []
@@ -125,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         for batch_paths in batches:
             names, images = _load_batch(batch_paths, failures)
             predictions = predict_images(
-                model, images, device, method=args.postprocess, amp=args.amp, max_size=max_size
+                model, images, device, method=args.postprocess, amp=args.amp, max_size=max_size,
+                postprocess_config=config,
             )
             for name, image, (labels, regions) in zip(names, images, predictions):
                 save_outputs(output_dir, name, image, labels, regions, args.alpha)

@@ -17,7 +17,10 @@ the last evaluation, or every one with ``--verbose``. Logs go to ``<output>/trai
 written atomically every ``--checkpoint-every`` optimizer steps, at the end of each epoch and on
 SIGINT/SIGTERM; ``<output>/best.pt`` holds the best mean IoU so far (format:
 `unet.checkpoint.Checkpoint`). ``--resume auto`` continues from ``last.pt`` exactly where the
-interrupted run stood (same batches, same RNG states, same losses).
+interrupted run stood (same batches, same RNG states, same losses). A finished run tunes the
+post-processing settings of ``best.pt`` on the validation split (``--tune-trials``, `unet.tuning`)
+and writes them to ``<output>/postprocess.json``, where ``unet.predict`` and ``unet.evaluate`` find
+them.
 
 Under torchrun every process trains on its shard (DistributedDataParallel, also with one process),
 the confusion matrices are summed across processes, and only rank 0 prints, logs and writes
@@ -41,11 +44,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from unet import distributed
+from unet import distributed, postprocess_config, tuning
 from unet.blocks import NORMS
 from unet.checkpoint import (
-    BEST_NAME, LAST_NAME, Checkpoint, load_training_checkpoint, resolve_resume, rng_state, save_checkpoint,
-    set_rng_state,
+    BEST_NAME, LAST_NAME, Checkpoint, load_model, load_training_checkpoint, resolve_resume, rng_state,
+    save_checkpoint, set_rng_state,
 )
 from unet.cli import (
     AMP_DTYPES, autocast, non_negative_float, non_negative_int, number_type, positive_float, positive_int,
@@ -127,6 +130,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="optimizer steps between checkpoints, besides each epoch end; 0: epoch ends only")
     run.add_argument("--verbose", action="store_true",
                      help="print the per-label IoU table after every evaluation, not only after the last")
+    run.add_argument("--tune-trials", type=non_negative_int, default=100,
+                     help="at the end, tune the post-processing settings of best.pt with this many trials on "
+                          "the validation split and write <output>/postprocess.json; 0: do not")
     return parser
 
 
@@ -561,7 +567,35 @@ def run_training(args: argparse.Namespace, info: distributed.DistInfo) -> TrainR
         print(f"final mean IoU {result.metrics.mean_iou():.4f} after {trainer.global_step} steps; "
               f"checkpoints in {output}")
         log.close()
+        if args.tune_trials:
+            tune_postprocessing(args, data_config, info.device, output)
     return result
+
+
+def tune_postprocessing(args: argparse.Namespace, data_config: dict, device: torch.device, output: Path) -> None:
+    """Tune the post-processing of the run's best checkpoint on half the validation split (the other
+    half held out), write the settings beside it and print one line; a split too small is reported."""
+    checkpoint = output / BEST_NAME if (output / BEST_NAME).is_file() else output / LAST_NAME
+    model, state = load_model(checkpoint, device)
+    _, val_ds = build_datasets(**dict(data_config, augment=False))
+    loader = torch.utils.data.DataLoader(val_ds, batch_size=args.batch_size, num_workers=args.workers)
+    try:
+        report = tuning.tune(model, loader, device, trials=args.tune_trials, seed=args.seed, holdout=0.5,
+                             processes=tuning.default_processes(args.tune_trials), amp=args.amp)
+    except ValueError as error:
+        print(f"post-processing not tuned: {error}")
+        return
+    if not report.search.trials:
+        return
+    tuning.score_parts(report)
+    record = report.record(checkpoint=checkpoint.name, global_step=state["global_step"],
+                           data=data_config["data"], split="val")
+    path = report.best.config.save(postprocess_config.beside(checkpoint), tuning=record)
+    held_out = report.matrices["held_out"]
+    print(f"post-processing tuned for {checkpoint.name} ({len(report.search.trials)} trials on "
+          f"{len(report.parts['tuning'])} validation images): mean IoU on the {len(report.parts['held_out'])} "
+          f"others: argmax {held_out['argmax'].mean_iou():.4f}, defaults {held_out['defaults'].mean_iou():.4f}, "
+          f"tuned {held_out['tuned'].mean_iou():.4f}; settings in {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
