@@ -171,8 +171,11 @@ def _region_stats(seg: np.ndarray, regions: np.ndarray, num_masks: int) -> list[
     return [[float(sums[l][k]) for l in range(len(seg))] for k in range(num_masks)]
 
 
-def dust_fill(probs, regions, new_threshold, join_threshold: float, impatience: float) -> np.ndarray:
-    """Algorithm 4 for one image: probs (L, H, W), regions (H, W) -> int64 labels (H, W)."""
+def dust_fill(probs, regions, new_threshold, join_threshold: float, impatience: float, return_masks: bool = False):
+    """Algorithm 4 for one image: probs (L, H, W), regions (H, W) -> int64 labels (H, W); with
+    `return_masks` also the final mapping (int32, mask ids: regions 0..M-1, promoted M + label)
+    and the final statistics (float64 (M + L, L)). Where nothing can grow (no region, no confident
+    pixel), every pixel is in its argmax label's promoted mask."""
     seg = np.asarray(probs, dtype=np.float64)
     num_labels, height, width = seg.shape
     thresholds = np.broadcast_to(np.asarray(new_threshold, dtype=np.float64), (num_labels,))
@@ -199,8 +202,9 @@ def dust_fill(probs, regions, new_threshold, join_threshold: float, impatience: 
                 promoted += 1
             else:
                 stack.append((s, t, 1.0))
-    if stack and M == 0 and promoted == 0:
-        return argmax_labels(seg)  # nothing to grow from: the loop below would never end
+    if stack and M == 0 and promoted == 0:  # nothing to grow from: the loop below would never end
+        labels = argmax_labels(seg)
+        return (labels, labels.astype(np.int32), np.eye(num_labels)) if return_masks else labels
 
     swap = []
     while stack:
@@ -230,7 +234,10 @@ def dust_fill(probs, regions, new_threshold, join_threshold: float, impatience: 
         stack, swap = swap, stack
 
     mask_label = np.array([int(np.argmax(s)) for s in stats], dtype=np.int64)
-    return mask_label[mapping]
+    labels = mask_label[mapping]
+    if return_masks:
+        return labels, mapping.astype(np.int32), np.array(stats, dtype=np.float64).reshape(M + num_labels, num_labels)
+    return labels
 
 
 def boundary_regions(boundary_prob, boundary_threshold, gap_iterations, min_size, boundary_method="paper"):

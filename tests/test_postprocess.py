@@ -398,14 +398,27 @@ def test_boundary_regions_default_is_the_paper_preparation():
 # ----------------------------------------------------------------------------- dust_fill / argmax
 
 
+def _assert_dust_fill_matches_reference(inputs):
+    """Labels, and with return_masks the final masks and statistics, exactly the reference's; the
+    labels are the statistics' argmax per mask."""
+    probs, regions = inputs[:2]
+    labels = postprocess.dust_fill(*inputs)
+    expected_labels, expected_masks, expected_statistics = reference.dust_fill(*inputs, return_masks=True)
+    assert labels.dtype == np.int64
+    assert np.array_equal(labels, expected_labels)
+    same_labels, masks, statistics = postprocess.dust_fill(*inputs, return_masks=True)
+    assert np.array_equal(same_labels, labels)
+    assert masks.dtype == np.int32 and masks.shape == regions.shape
+    assert statistics.dtype == np.float64 and statistics.shape == (regions.max() + 1 + len(probs), len(probs))
+    assert np.array_equal(masks, expected_masks)
+    assert np.array_equal(statistics, expected_statistics)
+    assert np.array_equal(labels, statistics.argmax(1)[masks])
+
+
 @SOME
 @given(dust_fill_inputs())
 def test_dust_fill_matches_reference_exactly(inputs):
-    probs, regions, new_threshold, join_threshold, impatience = inputs
-    labels = postprocess.dust_fill(probs, regions, new_threshold, join_threshold, impatience)
-    expected = reference.dust_fill(probs, regions, new_threshold, join_threshold, impatience)
-    assert labels.dtype == np.int64
-    assert np.array_equal(labels, expected)
+    _assert_dust_fill_matches_reference(inputs)
 
 
 @settings(max_examples=300, deadline=None)
@@ -413,8 +426,52 @@ def test_dust_fill_matches_reference_exactly(inputs):
 def test_dust_fill_matches_reference_on_segmented_outputs(inputs):
     """The frontier relaxation against the pseudo-code's stack and swap buffer: many regions, up
     to 90% of the pixels waiting, every round order and relaxation speed."""
-    labels = postprocess.dust_fill(*inputs)
-    assert np.array_equal(labels, reference.dust_fill(*inputs))
+    _assert_dust_fill_matches_reference(inputs)
+
+
+def test_dust_fill_masks_are_regions_grown_and_promoted_masks():
+    """Region pixels keep their region, promoted pixels get M + label, and a region's statistics
+    are the sums of the probabilities of its final pixels; promoted masks' rows are one-hot."""
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet(np.ones(4), size=(12, 15)).transpose(2, 0, 1)
+    probs[:, 0, 0] = [0.0, 0.0, 0.95, 0.05]  # promoted to label 2
+    regions = np.full((12, 15), -1, dtype=np.int32)
+    regions[2:6, 2:6], regions[7:11, 8:14] = 0, 1
+    labels, masks, statistics = postprocess.dust_fill(probs, regions, new_threshold=0.9, return_masks=True)
+    assert (masks[regions >= 0] == regions[regions >= 0]).all() and masks[0, 0] == 2 + 2
+    assert set(np.unique(masks)) <= {0, 1, 4, 5, 6, 7}
+    for k in (0, 1):
+        assert np.allclose(statistics[k], probs[:, masks == k].sum(axis=1), rtol=1e-12, atol=0)
+    assert np.array_equal(statistics[2:], np.eye(4))
+    assert np.array_equal(labels, statistics.argmax(1)[masks])
+
+
+def test_dust_fill_masks_where_the_argmax_stands_in():
+    """No region and nothing confident: each pixel is in its argmax label's promoted mask (M = 0)."""
+    probs = np.random.default_rng(2).dirichlet(np.ones(3), size=(5, 6)).transpose(2, 0, 1)
+    regions = np.full((5, 6), -1, dtype=np.int32)
+    labels, masks, statistics = postprocess.dust_fill(probs, regions, 0.99, return_masks=True)
+    assert np.array_equal(labels, probs.argmax(axis=0)) and np.array_equal(masks, labels)
+    assert np.array_equal(statistics, np.eye(3))
+    assert np.array_equal(reference.dust_fill(probs, regions, 0.99, 0.05, 1.5, return_masks=True)[2], statistics)
+
+
+def test_dust_fill_masks_of_a_batch_and_of_torch_tensors():
+    """A batch gives (B, H, W) masks and one statistics array per image (region counts differ);
+    torch in, torch out."""
+    probs, _, _, boundary = _batch_inputs()
+    regions = postprocess.segment(boundary, 2)[0]
+    regions[1][regions[1] >= 0] = 0  # one region in image 1
+    labels, masks, statistics = postprocess.dust_fill(probs, regions, return_masks=True)
+    assert masks.shape == regions.shape and isinstance(statistics, list) and len(statistics) == 3
+    assert statistics[1].shape == (1 + 5, 5)
+    for i in range(3):
+        single = postprocess.dust_fill(probs[i], regions[i], return_masks=True)
+        assert np.array_equal(labels[i], single[0]) and np.array_equal(masks[i], single[1])
+        assert np.array_equal(statistics[i], single[2])
+    as_torch = postprocess.dust_fill(torch.from_numpy(probs), torch.from_numpy(regions), return_masks=True)
+    assert all(isinstance(s, torch.Tensor) and s.dtype == torch.float64 for s in as_torch[2])
+    assert as_torch[1].dtype == torch.int32 and np.array_equal(as_torch[1].numpy(), masks)
 
 
 def test_dust_fill_covering_regions_take_their_pooled_argmax():
@@ -570,6 +627,22 @@ def test_thin_and_degenerate_images():
     assert empty[0].shape == (0, 4) and empty[1] == 0
 
 
+def test_postprocess_returns_masks_and_statistics():
+    """return_masks gives DUST_FILL's masks and statistics of the chain's regions; with
+    return_regions too, (labels, regions, masks, statistics)."""
+    probs, boundary_prob, _, _ = _batch_inputs()
+    labels, regions = postprocess.postprocess(probs, boundary_prob, return_regions=True)
+    expected = postprocess.dust_fill(probs, regions, return_masks=True)
+    got = postprocess.postprocess(probs, boundary_prob, return_masks=True)
+    got_all = postprocess.postprocess(probs, boundary_prob, return_regions=True, return_masks=True)
+    assert len(got) == 3 and len(got_all) == 4 and np.array_equal(got_all[1], regions)
+    for result in (got, got_all[:1] + got_all[2:]):
+        assert np.array_equal(result[0], labels) and np.array_equal(result[1], expected[1])
+        assert all(np.array_equal(a, b) for a, b in zip(result[2], expected[2], strict=True))
+    single = postprocess.postprocess(probs[0], boundary_prob[0], return_regions=True, return_masks=True)
+    assert np.array_equal(single[2], expected[1][0]) and np.array_equal(single[3], expected[2][0])
+
+
 def test_boundary_prob_with_channel_and_regions_returned():
     probs, boundary_prob, _, _ = _batch_inputs()
     labels = postprocess.postprocess(torch.from_numpy(probs), torch.from_numpy(boundary_prob[:, None]))
@@ -652,6 +725,13 @@ def test_absurd_label_and_region_counts_are_refused_before_any_work():
     probs = torch.zeros(1, 1, 1).expand(labels, *regions.shape)
     with pytest.raises(ValueError, match="dust_fill: 262145 regions x 1024 labels need 268436480 label statistics"):
         postprocess.dust_fill(probs, regions)
+    labels = 2**14  # (regions + labels) x labels returned statistics: refused; without them, fine
+    probs = torch.zeros(1, 1, 1).expand(labels, 1, 2)
+    with pytest.raises(ValueError, match="return_masks: 1 regions \\+ 16384 labels x 16384 labels"):
+        postprocess.dust_fill(probs, np.zeros((1, 2), dtype=np.int32), return_masks=True)
+    with pytest.raises(ValueError, match="return_masks: 1 regions \\+ 16384 labels x 16384 labels"):
+        torch.ops.unet.dust_fill_masks(probs[None], torch.zeros(1, 1, 2, dtype=torch.int32), torch.zeros(labels, dtype=torch.float64), 0.05, 1.5)
+    assert (postprocess.dust_fill(probs, np.zeros((1, 2), dtype=np.int32)) == 0).all()
 
 
 def test_many_labels_on_a_small_image():

@@ -285,14 +285,20 @@ def boundary_regions(
     return source.give_back(regions[0] if single else regions)
 
 
-def _check_statistics(num_labels: int, regions: torch.Tensor) -> None:
-    """DUST_FILL's memory is regions x labels statistics: refuse absurd counts before any work
-    (the kernel checks too, but only after making the probabilities contiguous)."""
+def _check_statistics(num_labels: int, regions: torch.Tensor, return_masks: bool) -> None:
+    """DUST_FILL's memory is regions x labels statistics, and what return_masks returns (regions
+    + labels) x labels: refuse absurd counts before any work (the kernel checks too, but only
+    after making the probabilities contiguous)."""
     num_regions = int(regions.max()) + 1 if regions.numel() else 0
     if num_regions * num_labels > MAX_STATISTICS:
         raise ValueError(
             f"dust_fill: {num_regions} regions x {num_labels} labels need {num_regions * num_labels} label "
             f"statistics, more than the {MAX_STATISTICS} supported (a larger min_size keeps fewer regions)"
+        )
+    if return_masks and (num_regions + num_labels) * num_labels > MAX_STATISTICS:
+        raise ValueError(
+            f"dust_fill: return_masks: {num_regions} regions + {num_labels} labels x {num_labels} labels of "
+            f"statistics are more than the {MAX_STATISTICS} supported"
         )
 
 
@@ -306,12 +312,28 @@ def _dust_fill_parameters(new_threshold, join_threshold, impatience, num_labels:
     )
 
 
+def _run_dust_fill(source: _Input, probs_batch, regions_batch, parameters, single: bool, return_masks: bool):
+    """The kernel on checked (B, ...) tensors: labels, or (labels, masks, statistics) handed back
+    in the kind of `source`, single images unbatched."""
+    _check_statistics(probs_batch.shape[1], regions_batch, return_masks)
+    if not return_masks:
+        labels = torch.ops.unet.dust_fill(probs_batch, regions_batch, *parameters)
+        return source.give_back(labels[0] if single else labels)
+    labels, masks, statistics = torch.ops.unet.dust_fill_masks(probs_batch, regions_batch, *parameters)
+    statistics = [source.give_back(image_statistics) for image_statistics in statistics]
+    if single:
+        return source.give_back(labels[0]), source.give_back(masks[0]), statistics[0]
+    return source.give_back(labels), source.give_back(masks), statistics
+
+
 def dust_fill(
     probs,
     regions,
     new_threshold: float | Sequence[float] = NEW_THRESHOLD,
     join_threshold: float = JOIN_THRESHOLD,
     impatience: float = IMPATIENCE,
+    *,
+    return_masks: bool = False,
 ):
     """DUST_FILL (Algorithm 4): one label per pixel from probabilities and a region map.
 
@@ -323,6 +345,20 @@ def dust_fill(
     a pixel's patience grows by ``impatience`` (> 1) each time it borders masks and joins none.
     Returns int64 labels ``(H, W)`` / ``(B, H, W)``. If nothing at all is mapped after promotion
     (no region, no confident pixel) the algorithm could never start; that image gets the argmax.
+
+    With ``return_masks=True`` returns ``(labels, masks, statistics)``, the masks and statistics
+    Algorithm 4 ends with, where ``M = regions.max() + 1`` (per image) and ``L`` is the label count:
+
+    * ``masks``: int32 like ``regions``, each pixel's final mask: ``r < M`` for region ``r`` (with
+      the pixels that joined it), ``M + l`` for the pixels promoted to label ``l`` or joined to
+      them;
+    * ``statistics``: float64 ``(M + L, L)`` (a list of them for a batch, one per image, since M
+      varies): row ``r < M`` the region's probability sums (its own pixels and those that joined
+      it, accumulated in float64), row ``M + l`` the promoted mask's one-hot statistics.
+
+    ``labels == statistics.argmax(1)[masks]`` (the first label on ties). In the argmax case above
+    (``M = 0``) every pixel is in its most probable label's promoted mask: ``masks == labels`` and
+    ``statistics`` is the ``(L, L)`` identity. (Region ids without a pixel get zero rows.)
     """
     source, probs_batch, single = _probabilities(probs)
     regions_batch = _image_map(regions, "regions", probs_batch, single)
@@ -332,9 +368,7 @@ def dust_fill(
             raise ValueError("regions: expected ids in [-1, H*W) (-1 = unassigned)")
         regions_batch = regions_batch.to(torch.int32)
     parameters = _dust_fill_parameters(new_threshold, join_threshold, impatience, probs_batch.shape[1])
-    _check_statistics(probs_batch.shape[1], regions_batch)
-    labels = torch.ops.unet.dust_fill(probs_batch, regions_batch, *parameters)
-    return source.give_back(labels[0] if single else labels)
+    return _run_dust_fill(source, probs_batch, regions_batch, parameters, single, return_masks)
 
 
 def argmax_labels(probs):
@@ -356,14 +390,17 @@ def postprocess(
     *,
     boundary_method: str = BOUNDARY_METHOD,
     return_regions: bool = False,
+    return_masks: bool = False,
 ):
     """The whole chain: :func:`boundary_regions` (threshold -> :func:`prepare_boundary` or
     :func:`close_gaps` -> :func:`segment`), then :func:`dust_fill`.
 
     ``probs`` ``(L, H, W)`` / ``(B, L, H, W)``; ``boundary_prob`` ``(H, W)`` / ``(B, H, W)``, or
     with the boundary head's channel, ``(1, H, W)`` / ``(B, 1, H, W)``; float32 or float64.
-    Returns int64 labels, and with ``return_regions=True`` also the int32 region map of
-    :func:`segment` (the instance map), as ``(labels, regions)``.
+    Returns int64 labels; with ``return_regions=True`` ``(labels, regions)``, adding the int32
+    region map of :func:`segment` (the instance map); with ``return_masks=True``
+    ``(labels, masks, statistics)``, DUST_FILL's final masks and statistics as
+    :func:`dust_fill` returns them; with both, ``(labels, regions, masks, statistics)``.
     """
     source, probs_batch, single = _probabilities(probs)
     boundary = _Input(boundary_prob, "boundary_prob").tensor
@@ -372,10 +409,11 @@ def postprocess(
     boundary_batch = _image_map(boundary, "boundary_prob", probs_batch, single)
     parameters = _dust_fill_parameters(new_threshold, join_threshold, impatience, probs_batch.shape[1])
     regions = _boundary_regions(boundary_batch, boundary_threshold, gap_iterations, min_size, boundary_method)
-    _check_statistics(probs_batch.shape[1], regions)
-    labels = torch.ops.unet.dust_fill(probs_batch, regions, *parameters)
-    if single:
-        labels, regions = labels[0], regions[0]
-    if return_regions:
-        return source.give_back(labels), source.give_back(regions)
-    return source.give_back(labels)
+    result = _run_dust_fill(source, probs_batch, regions, parameters, single, return_masks)
+    if not return_regions:
+        return result
+    regions = source.give_back(regions[0] if single else regions)
+    if not return_masks:
+        return result, regions
+    labels, masks, statistics = result
+    return labels, regions, masks, statistics

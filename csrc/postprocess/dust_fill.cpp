@@ -38,11 +38,6 @@
 namespace unet_postprocess {
 namespace {
 
-// DUST_FILL keeps regions x labels statistics (twice: sums and normalized); beyond this many, or
-// this many labels, it refuses the image before allocating anything. Also keeps mask ids
-// (regions + labels) within int32.
-constexpr int64_t kMaxStatistics = int64_t(1) << 28;
-
 constexpr int32_t kNoMatch = -1;    // bordering masks, none close enough
 constexpr int32_t kUnsettled = -2;  // the bounds settle nothing: compute the distances
 
@@ -60,6 +55,12 @@ void normalize(const value_t* values, int64_t n, double* out) {
   for (int64_t i = 0; i < n; ++i) total += static_cast<double>(values[i]);
   const double inverse = total > 0.0 ? 1.0 / total : 0.0;
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(values[i]) * inverse;
+}
+
+// The L x L identity: the statistics of the promoted masks.
+void write_one_hot_rows(int64_t num_labels, double* out) {
+  std::fill(out, out + num_labels * num_labels, 0.0);
+  for (int64_t l = 0; l < num_labels; ++l) out[l * num_labels + l] = 1.0;
 }
 
 // A pixel left unassigned by SEGMENT and not promoted: what each visit reads.
@@ -143,6 +144,14 @@ class DustFill {
     }
     for (int64_t l = 0; l < L_; ++l) mask_label[M_ + l] = l;
     for (int64_t p = 0; p < HW_; ++p) out[p] = mask_label[mapping_[p]];
+  }
+
+  void write_masks(int32_t* out) const { std::copy(mapping_.begin(), mapping_.end(), out); }
+
+  // [M + L, L]: the regions' statistics, then the promoted masks' one-hot rows.
+  void write_statistics(double* out) const {
+    std::copy(stats_.begin(), stats_.end(), out);
+    write_one_hot_rows(L_, out + M_ * L_);
   }
 
  private:
@@ -545,20 +554,25 @@ void argmax_image(const prob_t* probs, int64_t num_labels, int64_t pixels, int64
 
 template <typename prob_t>
 void dust_fill_image(const prob_t* probs, const int32_t* regions, int64_t num_labels, int64_t height, int64_t width,
-                     const double* new_threshold, double join_threshold, double impatience, int64_t* out) {
+                     const double* new_threshold, double join_threshold, double impatience, const DustFillOutput& out) {
   DustFill<prob_t> fill(probs, regions, num_labels, height, width);
   if (fill.run(new_threshold, join_threshold, impatience)) {
-    fill.write_labels(out);
-  } else {
-    argmax_image(probs, num_labels, height * width, out);
+    fill.write_labels(out.labels);
+    if (out.masks) fill.write_masks(out.masks);
+    if (out.statistics) fill.write_statistics(out.statistics);
+    return;
   }
+  // No region (M = 0): every pixel goes to its argmax label's promoted mask, whose id is the label.
+  argmax_image(probs, num_labels, height * width, out.labels);
+  if (out.masks) std::copy(out.labels, out.labels + height * width, out.masks);
+  if (out.statistics) write_one_hot_rows(num_labels, out.statistics);
 }
 
 template void argmax_image<float>(const float*, int64_t, int64_t, int64_t*);
 template void argmax_image<double>(const double*, int64_t, int64_t, int64_t*);
 template void dust_fill_image<float>(
-    const float*, const int32_t*, int64_t, int64_t, int64_t, const double*, double, double, int64_t*);
+    const float*, const int32_t*, int64_t, int64_t, int64_t, const double*, double, double, const DustFillOutput&);
 template void dust_fill_image<double>(
-    const double*, const int32_t*, int64_t, int64_t, int64_t, const double*, double, double, int64_t*);
+    const double*, const int32_t*, int64_t, int64_t, int64_t, const double*, double, double, const DustFillOutput&);
 
 }  // namespace unet_postprocess

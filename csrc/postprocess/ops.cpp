@@ -7,9 +7,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "postprocess.h"
 
@@ -177,29 +179,73 @@ at::Tensor argmax_labels(const at::Tensor& probs) {
   return out;
 }
 
-at::Tensor dust_fill(
+// The largest region id + 1 of each image: the number of region statistics DUST_FILL keeps.
+std::vector<int64_t> region_counts(const at::Tensor& regions) {
+  const int64_t B = regions.size(0), HW = regions.size(1) * regions.size(2);
+  const int32_t* ids = regions.const_data_ptr<int32_t>();
+  std::vector<int64_t> counts(B);
+  for (int64_t b = 0; b < B; ++b) counts[b] = HW == 0 ? 0 : int64_t(*std::max_element(ids + b * HW, ids + (b + 1) * HW)) + 1;
+  return counts;
+}
+
+// DUST_FILL over the batch: the labels, and with `with_masks` each pixel's final mask and each
+// image's (M + L, L) statistics (float64; both empty otherwise).
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> run_dust_fill(
     const at::Tensor& probs,
     const at::Tensor& regions,
     const at::Tensor& new_threshold,
     double join_threshold,
-    double impatience) {
+    double impatience,
+    bool with_masks) {
   check_probs(probs);
   check_image_map(regions, "regions", probs);
   check_dtype(regions, "regions", {at::kInt});
   check_dust_fill_parameters(new_threshold, probs.size(1), join_threshold, impatience);
   const at::Tensor p = probs.contiguous(), r = regions.contiguous(), thresholds = new_threshold.contiguous();
   const int64_t B = p.size(0), L = p.size(1), H = p.size(2), W = p.size(3);
-  at::Tensor out = at::empty({B, H, W}, p.options().dtype(at::kLong));
+  at::Tensor labels = at::empty({B, H, W}, p.options().dtype(at::kLong));
+  at::Tensor masks = at::empty({with_masks ? B : 0, H, W}, p.options().dtype(at::kInt));
+  std::vector<at::Tensor> statistics;
+  if (with_masks) {
+    for (const int64_t M : region_counts(r)) {
+      TORCH_CHECK_VALUE(
+          L <= kMaxStatistics && (M + L) * L <= kMaxStatistics, "dust_fill: return_masks: ", M, " regions + ", L,
+          " labels x ", L, " labels of statistics are more than the ", kMaxStatistics, " supported");
+      statistics.push_back(at::empty({M + L, L}, p.options().dtype(at::kDouble)));
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "dust_fill", [&] {
     const scalar_t* src = p.const_data_ptr<scalar_t>();
     const int32_t* reg = r.const_data_ptr<int32_t>();
-    int64_t* dst = out.data_ptr<int64_t>();
     for_each_image(B, [&](int64_t b) {
+      DustFillOutput out{labels.data_ptr<int64_t>() + b * H * W};
+      if (with_masks) {
+        out.masks = masks.data_ptr<int32_t>() + b * H * W;
+        out.statistics = statistics[b].data_ptr<double>();
+      }
       dust_fill_image(src + b * L * H * W, reg + b * H * W, L, H, W, thresholds.const_data_ptr<double>(),
-                      join_threshold, impatience, dst + b * H * W);
+                      join_threshold, impatience, out);
     });
   });
-  return out;
+  return {labels, masks, statistics};
+}
+
+at::Tensor dust_fill(
+    const at::Tensor& probs,
+    const at::Tensor& regions,
+    const at::Tensor& new_threshold,
+    double join_threshold,
+    double impatience) {
+  return std::get<0>(run_dust_fill(probs, regions, new_threshold, join_threshold, impatience, false));
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> dust_fill_masks(
+    const at::Tensor& probs,
+    const at::Tensor& regions,
+    const at::Tensor& new_threshold,
+    double join_threshold,
+    double impatience) {
+  return run_dust_fill(probs, regions, new_threshold, join_threshold, impatience, true);
 }
 
 }  // namespace
@@ -217,6 +263,9 @@ TORCH_LIBRARY(unet, m) {
   m.def(
       "dust_fill(Tensor probs, Tensor regions, Tensor new_threshold, float join_threshold, "
       "float impatience) -> Tensor");
+  m.def(
+      "dust_fill_masks(Tensor probs, Tensor regions, Tensor new_threshold, float join_threshold, "
+      "float impatience) -> (Tensor labels, Tensor masks, Tensor[] statistics)");
 }
 
 TORCH_LIBRARY_IMPL(unet, CPU, m) {
@@ -228,4 +277,5 @@ TORCH_LIBRARY_IMPL(unet, CPU, m) {
   m.impl("boundary_regions", &boundary_regions);
   m.impl("argmax_labels", &argmax_labels);
   m.impl("dust_fill", &dust_fill);
+  m.impl("dust_fill_masks", &dust_fill_masks);
 }

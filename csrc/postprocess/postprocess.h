@@ -43,7 +43,24 @@ int32_t boundary_regions_image(
     const prob_t* boundary_prob, int64_t height, int64_t width, double threshold, BoundaryMethod method,
     int64_t gap_iterations, int64_t min_size, int32_t* regions);
 
+// DUST_FILL keeps regions x labels statistics (twice: sums and normalized); beyond this many, or
+// this many labels, it refuses the image before allocating anything (also the (regions + labels)
+// x labels statistics it returns on request). Also keeps mask ids (regions + labels) within int32.
+constexpr int64_t kMaxStatistics = int64_t(1) << 28;
+
+// Where dust_fill_image writes. `labels` [height, width] always; `masks` [height, width] and
+// `statistics` [M + L, L] (M = the largest region id + 1) when not null: each pixel's final mask
+// (region r < M, or M + l for label l's promoted pixels) and the statistics Algorithm 4 ends with
+// (a region's pooled probability sums, in double; a promoted mask's one-hot row).
+struct DustFillOutput {
+  int64_t* labels;
+  int32_t* masks = nullptr;
+  double* statistics = nullptr;
+};
+
 // DUST_FILL (Algorithm 4). probs is [labels, height, width]; regions as written by segment_image.
+// An image where nothing is mapped after promotion (no region, no confident pixel) gets the
+// argmax, each pixel in its most probable label's promoted mask.
 template <typename prob_t>
 void dust_fill_image(
     const prob_t* probs,
@@ -54,7 +71,7 @@ void dust_fill_image(
     const double* new_threshold,
     double join_threshold,
     double impatience,
-    int64_t* out);
+    const DustFillOutput& out);
 
 // Label of highest probability per pixel (the first one on ties). probs is [labels, height, width].
 template <typename prob_t>
