@@ -656,10 +656,21 @@
   $("download-labels").addEventListener("click", () => download("labels"));
   $("download-regions").addEventListener("click", () => download("regions"));
   $("download-edits").addEventListener("click", () => download("edits"));
+  let shownSide = 0; // the stage side the view was set for
   window.addEventListener("resize", () => {
+    // keep the crop: scale the view with the stage, then resample the result for the new pixels
+    if (!shownSide || !stageSide()) return;
+    const ratio = stageSide() / shownSide;
+    shownSide = stageSide();
+    state.view = { zoom: state.view.zoom * ratio, ox: state.view.ox * ratio, oy: state.view.oy * ratio };
     resizeLayers();
-    if (state.mode === "result") setMode("place"); // the sampled result no longer matches the stage
     drawPhoto();
+    if (state.result) {
+      state.result.sampled = sampleMasks(state.result);
+      paintOutlines();
+      paintOverlay();
+      paintHighlight();
+    }
   });
 
   // For tests and measurements: the placement, the result's geometry and the timings (read-only copies).
@@ -683,6 +694,7 @@
     }
     $("model-info").textContent =
       `model ${state.config.checkpoint}, ${state.config.model_input} px input, ${state.config.device}`;
+    shownSide = stageSide();
     resizeLayers();
     setMode("empty");
   }
