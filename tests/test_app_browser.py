@@ -6,6 +6,7 @@ names another binary. Without Chromium or Playwright these tests skip, except un
 where they fail. Screenshots and the measured timings go to tests/artifacts/ (git-ignored).
 """
 
+import base64
 import json
 import os
 import re
@@ -273,6 +274,19 @@ def test_a_bad_upload_shows_its_message_on_the_page_and_in_the_log(page, tiny_se
     assert page.evaluate("unetApp.mode()") == "empty"
     assert message in tiny_server.log_text()
     screenshot(page, f"bad-upload-{name}.png")
+
+
+def test_a_photo_dropped_on_the_stage_is_loaded(page, tiny_server, photo):
+    page.goto(tiny_server.url)
+    page.wait_for_function("document.getElementById('model-info').textContent !== ''")
+    page.evaluate("""async (encoded) => {
+        const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
+        document.getElementById("stage").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+    }""", base64.b64encode(photo.read_bytes()).decode())
+    page.wait_for_function("window.unetApp.mode() === 'place'")
+    assert "dropped.jpg: 1024×768" in page.inner_text("#message")
 
 
 def test_a_truncated_photo_shows_its_message_and_the_next_photo_works(page, tiny_server, photo):
