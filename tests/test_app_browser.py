@@ -283,7 +283,8 @@ def test_a_photo_dropped_on_the_stage_is_loaded(page, tiny_server, photo):
         const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
         const transfer = new DataTransfer();
         transfer.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
-        document.getElementById("stage").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+        const drop = new DragEvent("drop", { dataTransfer: transfer, bubbles: true });
+        document.getElementById("stage").dispatchEvent(drop);
     }""", base64.b64encode(photo.read_bytes()).decode())
     page.wait_for_function("window.unetApp.mode() === 'place'")
     assert "dropped.jpg: 1024×768" in page.inner_text("#message")
@@ -352,8 +353,8 @@ def test_speed_of_segment_and_relabel_with_the_small_preset(playwright_browser, 
     relabel_ms = sorted(entry["update_ms"] for entry in timings["relabel"])
     summary = {"segment_total_ms_median": segment_ms[len(segment_ms) // 2],
                "relabel_update_ms_median": relabel_ms[len(relabel_ms) // 2],
-               "load_average": os.getloadavg(), "stage_px": stage["width"], "result_size": [result["width"], result["height"]],
-               **timings}
+               "load_average": os.getloadavg(), "stage_px": stage["width"],
+               "result_size": [result["width"], result["height"]], **timings}
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "app_timings.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({key: summary[key] for key in list(summary)[:5]}))

@@ -26,15 +26,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="A local web app: segment a photo, fix labels with one press",
                                      allow_abbrev=False)
     parser.add_argument("--checkpoint", default=None,
-                        help=f"a checkpoint written by unet.train (default: {DEFAULT_CHECKPOINT}, the default run's)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+                        help=f"a checkpoint written by unet.train (default: the default run's {DEFAULT_CHECKPOINT})")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=number_type(int, 0, True, "a port 0-65535", maximum=65535), default=8000,
                         help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--head-height", type=number_type(float, 0.0, False, "a fraction in (0, 0.9]", maximum=0.9),
                         default=HEAD_OVAL.height,
                         help="the head oval's height as a fraction of the model's input side: the typical head "
-                             f"height in the training images (default {HEAD_OVAL.height}, measured on the built-in data)")
+                             f"height in the training images (default {HEAD_OVAL.height}, measured on the "
+                             "built-in data)")
     return parser
 
 

@@ -19,7 +19,6 @@ pixels' pooled probabilities).
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -281,6 +280,3 @@ def _png(image: Image.Image) -> bytes:
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def dumps(document: dict) -> bytes:
-    return json.dumps(document, indent=2).encode()
