@@ -1,7 +1,7 @@
 """A local web app for the paper's user response (section 5.3): segment a photo, fix a label with
 one press, set the scale with the head oval.
 
-    pip install -e ".[app]"
+    pip install --no-build-isolation -e ".[app]"
     python -m unet.app --checkpoint runs/small/best.pt      # prints http://127.0.0.1:8000/
 
 * `unet.app.photos`: uploads decoded within stated limits;
