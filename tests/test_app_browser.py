@@ -1,50 +1,25 @@
 """unet.app in a real browser: `python -m unet.app` started as a process with a real (small,
-randomly initialised) checkpoint, its page driven in headless Chromium through Playwright.
-
-Chromium is Debian's (``apt-get install chromium``; `.ci/run` installs it); ``UNET_APP_CHROMIUM``
-names another binary. Without Chromium or Playwright these tests skip, except under CI (CI=true),
-where they fail. Screenshots and the measured timings go to tests/artifacts/ (git-ignored).
+randomly initialised) checkpoint, its page driven in headless Chromium through Playwright
+(tests/app_browser.py). Without Chromium or Playwright these tests skip, except under CI (CI=true),
+where they fail. Screenshots go to tests/artifacts/ (git-ignored). The app's speed is measured by
+benchmarks/bench_app.py.
 """
 
 import base64
 import json
 import os
 import re
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from scipy import ndimage
 
-from unet.checkpoint import save_checkpoint
-from unet.model import build_model
-from unet.synthetic import render_figure
+from app_browser import (CHROMIUM, CHROMIUM_FLAGS, VIEWPORT, figure_photo, missing_browser, open_photo, running_app,
+                         segment, stage_point, write_checkpoint)
 
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-CHROMIUM = Path(os.environ.get("UNET_APP_CHROMIUM", "/usr/bin/chromium"))
-# Headless, sandbox off (CI runs as root), and nothing that reaches for the network.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-VIEWPORT = {"width": 1100, "height": 780}
-
-
-def missing_browser() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as error:
-        return f"{error.name} is not installed: pip install -e '.[test]'"
-    if not CHROMIUM.is_file():
-        return f"no Chromium at {CHROMIUM}: apt-get install chromium (or set UNET_APP_CHROMIUM)"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -60,50 +35,6 @@ def playwright_browser():
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         yield browser
         browser.close()
-
-
-def write_checkpoint(path: Path, preset: str, image_size: int) -> Path:
-    torch.manual_seed(0)
-    model = build_model(preset, image_size=image_size)
-    return save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, path)
-
-
-def figure_photo(path: Path, width: int = 1024, height: int = 768, seed: int = 11) -> Path:
-    """A synthetic figure on a 1024x768 landscape photo, its backdrop extended sideways."""
-    pixels, _ = render_figure(np.random.default_rng(seed), height)
-    canvas = np.empty((height, width, 3), np.uint8)
-    canvas[:] = pixels[0, 0]
-    canvas[:, 140:140 + height] = pixels
-    Image.fromarray(canvas).save(path, quality=92)
-    return path
-
-
-class Server:
-    def __init__(self, url: str, log: Path):
-        self.url, self.log = url, log
-
-    def log_text(self) -> str:
-        return self.log.read_text()
-
-
-@contextmanager
-def running_app(checkpoint: Path, folder: Path):
-    """`python -m unet.app` on a free port; yields once it printed its address."""
-    log = folder / "server.log"
-    with open(log, "w") as output:
-        process = subprocess.Popen([sys.executable, "-m", "unet.app", "--checkpoint", str(checkpoint), "--port", "0"],
-                                   cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while not (match := re.search(r"at (http://\S+/)", log.read_text())):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"unet.app did not start:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield Server(match.group(1), log)
-        assert process.poll() is None, f"the server died:\n{log.read_text()}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -134,21 +65,6 @@ def screenshot(page, name: str) -> None:
     page.screenshot(path=ARTIFACTS / name)
 
 
-def open_photo(page, server: Server, photo: Path) -> None:
-    page.goto(server.url)
-    page.wait_for_function("document.getElementById('model-info').textContent !== ''")
-    page.set_input_files("#file", str(photo))
-    page.wait_for_function("window.unetApp.mode() === 'place'")
-
-
-def segment(page) -> dict:
-    count = page.evaluate("unetApp.timings().segment.length")
-    page.click("#segment")
-    page.wait_for_function(f"unetApp.mode() === 'result' && unetApp.timings().segment.length > {count}",
-                           timeout=60_000)
-    return page.evaluate("unetApp.result()")
-
-
 def download(page, button: str):
     with page.expect_download() as event:
         page.click(button)
@@ -157,16 +73,6 @@ def download(page, button: str):
         return json.loads(Path(path).read_text())
     with Image.open(path) as image:
         return np.asarray(image).copy(), image.mode
-
-
-def stage_point(page, result: dict, column: int, row: int) -> tuple[float, float]:
-    """Page coordinates of the centre of result pixel (column, row)."""
-    view = page.evaluate("unetApp.view()")
-    box = page.locator("#stage").bounding_box()
-    x0, y0, x1, y1 = result["box"]
-    photo_x = x0 + (column + 0.5) * (x1 - x0) / result["width"]
-    photo_y = y0 + (row + 0.5) * (y1 - y0) / result["height"]
-    return box["x"] + photo_x * view["zoom"] + view["ox"], box["y"] + photo_y * view["zoom"] + view["oy"]
 
 
 def deepest_pixel(masks: np.ndarray, region: int) -> tuple[int, int, float]:
@@ -300,6 +206,22 @@ def test_a_truncated_photo_shows_its_message_and_the_next_photo_works(page, tiny
     page.wait_for_function("window.unetApp.mode() === 'place'")
 
 
+def test_a_photo_over_the_byte_limit_shows_its_message_and_the_server_lives_on(page, tiny_server, photo, tmp_path):
+    page.goto(tiny_server.url)
+    page.wait_for_function("document.getElementById('model-info').textContent !== ''")
+    limit = page.evaluate("fetch('api/config').then(r => r.json())")["limits"]["upload_bytes"]
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as file:
+        file.truncate(limit + 1)  # sparse: no disk, no time
+    page.set_input_files("#file", str(huge))
+    message = f"huge.jpg: larger than the {limit} bytes accepted"
+    page.wait_for_function(f"document.getElementById('message').textContent.includes({json.dumps(message)})")
+    assert page.get_attribute("#message", "class") == "error"
+    assert f"413 {message}" in tiny_server.log_text()
+    page.set_input_files("#file", str(photo))
+    page.wait_for_function("window.unetApp.mode() === 'place'")
+
+
 def test_two_finger_pinch_zooms_about_the_fingers(playwright_browser, tiny_server, photo):
     context = playwright_browser.new_context(viewport=VIEWPORT, has_touch=True)
     page = context.new_page()
@@ -325,37 +247,3 @@ def test_two_finger_pinch_zooms_about_the_fingers(playwright_browser, tiny_serve
         assert (local_x - after["ox"]) / after["zoom"] == pytest.approx((local_x - before["ox"]) / before["zoom"])
     finally:
         context.close()
-
-
-@pytest.mark.slow
-def test_speed_of_segment_and_relabel_with_the_small_preset(playwright_browser, tmp_path_factory, photo):
-    """From pressing Segment to the overlay, and a relabel press, as the page's performance marks see them
-    (the `small` preset at 256 px, a 1024x768 photo). Recorded in tests/artifacts/app_timings.json, not asserted:
-    timings on a shared machine are noise."""
-    folder = tmp_path_factory.mktemp("small_app")
-    with running_app(write_checkpoint(folder / "small.pt", "small", 256), folder) as server:
-        context = playwright_browser.new_context(viewport=VIEWPORT)
-        page = context.new_page()
-        open_photo(page, server, photo)
-        stage = page.locator("#stage").bounding_box()
-        for _ in range(5):
-            result = segment(page)
-            page.click("#adjust")
-        result = segment(page)
-        column, row = result["width"] // 2, result["height"] // 2
-        for _ in range(10):
-            page.mouse.click(*stage_point(page, result, column, row))
-            page.locator("#picker-options button").first.click()
-        page.wait_for_function("unetApp.timings().relabel.length === 10")
-        timings = page.evaluate("unetApp.timings()")
-        context.close()
-    segment_ms = sorted(entry["total_ms"] for entry in timings["segment"])
-    relabel_ms = sorted(entry["update_ms"] for entry in timings["relabel"])
-    summary = {"segment_total_ms_median": segment_ms[len(segment_ms) // 2],
-               "relabel_update_ms_median": relabel_ms[len(relabel_ms) // 2],
-               "load_average": os.getloadavg(), "stage_px": stage["width"],
-               "result_size": [result["width"], result["height"]], **timings}
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "app_timings.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({key: summary[key] for key in list(summary)[:5]}))
-    assert len(timings["segment"]) == 6 and len(timings["relabel"]) == 10
