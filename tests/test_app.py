@@ -491,3 +491,13 @@ def test_a_bad_checkpoint_or_a_taken_port_is_an_error_message(tmp_path, capsys, 
         port = taken.getsockname()[1]
         assert cli.main(["--checkpoint", str(checkpoint), "--port", str(port)]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_threads_sets_torch_threads_and_must_be_positive(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert cli.main(["--threads", "1", "--checkpoint", str(tmp_path / "missing.pt")]) == 1
+    assert calls == [1]
+    with pytest.raises(SystemExit):
+        cli.main(["--threads", "0"])
+    assert "expected a positive integer, got 0" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import uvicorn
 from unet.app.segmentation import HEAD_OVAL
 from unet.app.server import create_app
 from unet.checkpoint import BEST_NAME, load_model
-from unet.cli import number_type
+from unet.cli import number_type, positive_int
 from unet.distributed import resolve_device
 
 # Where `python -m unet.train` with no flags writes its best checkpoint (runs/<preset>, tiny).
@@ -32,6 +32,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=number_type(int, 0, True, "a port 0-65535", maximum=65535), default=8000,
                         help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads for the network and the post-processing (default: torch's, one per "
+                             "core; on a machine busy with other work, 1 may answer sooner)")
     parser.add_argument("--head-height", type=number_type(float, 0.0, False, "a fraction in (0, 0.9]", maximum=0.9),
                         default=HEAD_OVAL.height,
                         help="the head oval's height as a fraction of the model's input side: the typical head "
@@ -55,12 +58,14 @@ def find_checkpoint(path: str | None) -> Path:
 def warm_up(model, device: torch.device) -> None:
     """One forward pass at the training size, so the first press of Segment does not pay for it."""
     size = model.config.image_size
-    with torch.no_grad():
+    with torch.inference_mode():
         model(torch.zeros(1, 3, size, size, device=device))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         checkpoint = find_checkpoint(args.checkpoint)
