@@ -2,10 +2,10 @@
 as the page first places it (the whole photo in the frame).
 
 Targets on 2 CPU cores: from pressing Segment to the overlay at most 1.5 s; a relabel press under
-50 ms. Three measurements:
+50 ms. Two measurements:
 
-* ``server``: in the process, `segment_photo` step by step (the frame, the network, resizing back,
-  DUST_FILL) and what the request adds (the JSON of the regions, the mask bytes), then the two
+* ``server``: in the process, `segment_photo` step by step (``prepare`` the frame, the ``network``,
+  ``resize`` back to photo pixels, ``postprocess``, the regions' pooled ``shares``) and what the request adds (the JSON of the regions, the mask bytes), then the two
   requests the page makes (``POST /api/segment``, ``GET .../masks``) through Starlette's test client;
 * ``browser``: `python -m unet.app` as a process, its page in headless Chromium (tests/app_browser.py):
   the page's own `performance.now()` marks from the Segment click to the frame that shows the
