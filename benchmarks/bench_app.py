@@ -115,14 +115,14 @@ def measure_server(checkpoint: Path, photo_path: Path, repeats: int) -> dict:
 
 
 def measure_browser(checkpoint: Path, photo_path: Path, repeats: int, relabels: int, folder: Path,
-                    threads: int | None) -> dict:
+                    threads: int | None = None, window: dict = VIEWPORT, pixel_ratio: float = 1) -> dict:
     """Segment `repeats` times and relabel `relabels` times in headless Chromium; the page's own timings."""
     from playwright.sync_api import sync_playwright
 
     options = () if threads is None else ("--threads", str(threads))
     with running_app(checkpoint, folder, *options) as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport=VIEWPORT)
+        page = browser.new_page(viewport=window, device_scale_factor=pixel_ratio)
         open_photo(page, server, photo_path)
         load_before = load_average()
         for count in range(repeats + 1):  # the first one warms the page and the server up
@@ -146,7 +146,7 @@ def measure_browser(checkpoint: Path, photo_path: Path, repeats: int, relabels: 
         "server_steps_ms": segments[-1]["server_timings_ms"],
         "relabel_update": summary([entry["update_ms"] for entry in timings["relabel"]]),
         "relabel_to_frame": summary([entry["to_frame_ms"] for entry in timings["relabel"]]),
-        "stage_px": stage["width"], "result_px": [result["width"], result["height"]],
+        "stage_css_px": stage["width"], "pixel_ratio": pixel_ratio, "result_px": [result["width"], result["height"]],
         "load_average": [load_before, load_average()],
     }
 
@@ -158,6 +158,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", choices=("server", "browser"), default=None, help="run one of the two")
     parser.add_argument("--repeats", type=int, default=5, help="segmentations timed (after one to warm up)")
     parser.add_argument("--relabels", type=int, default=10, help="relabel presses timed")
+    parser.add_argument("--window", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"),
+                        default=(VIEWPORT["width"], VIEWPORT["height"]),
+                        help="the browser window in CSS pixels (default %(default)s); the canvases grow with it")
+    parser.add_argument("--pixel-ratio", type=float, default=1.0,
+                        help="device pixels per CSS pixel (default 1; 2 for a high-density screen, 4x the "
+                             "pixels to paint on a relabel)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads, here and in the app (default: torch's, one per core)")
     return parser
@@ -179,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "browser"):
             reason = missing_browser()
             if reason is None:
+                width, height = args.window
                 report["browser"] = measure_browser(checkpoint, photo_path, args.repeats, args.relabels, folder,
-                                                    args.threads)
+                                                    args.threads, {"width": width, "height": height},
+                                                    args.pixel_ratio)
             else:
                 report["browser"] = f"skipped: {reason}"
             print(json.dumps({"browser": report["browser"]}, indent=1), flush=True)
@@ -220,7 +228,7 @@ def test_click_to_overlay_and_relabel_in_chromium(benchmark, small_app):
     if reason is not None:
         pytest.skip(reason)
     checkpoint, photo_path, folder = small_app
-    report = benchmark.pedantic(measure_browser, args=(checkpoint, photo_path, 2, 3, folder, None), rounds=1)
+    report = benchmark.pedantic(measure_browser, args=(checkpoint, photo_path, 2, 3, folder), rounds=1)
     benchmark.extra_info.update(report)
     assert report["result_px"] == [PHOTO_WIDTH, PHOTO_HEIGHT] and np.isfinite(report["segment_click_to_overlay"]["median_ms"])
 
