@@ -50,6 +50,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace unet_postprocess {
 namespace {
 
@@ -129,6 +133,80 @@ bool argmax_pixels(const prob_t* probs, int64_t num_labels, int64_t pixels, int6
   }
   return valid != 0;
 }
+
+#if defined(__SSE2__)
+// SSE2 versions of the read pass's loops for float probabilities and blocks of 8 labels, four
+// pixels at a time; they return the first pixel they leave to the scalar loop. Values are
+// checked on the way for a sign bit (negative values, and -0.0) only: NaN and infinities show
+// in the sums they go into (region pixels) or in the pixel's sum (settle_unassigned).
+
+// Whether the 8 labels of pixels [p, stop) are probabilities, given the OR of their bits: the
+// exact check where a sign bit is set.
+inline bool all_probabilities(const float* const* planes, int64_t p, int64_t stop, __m128 bits) {
+  if (_mm_movemask_ps(bits) == 0) return true;
+  bool valid = true;
+  for (int64_t j = 0; j < 8; ++j) {
+    for (int64_t q = p; q < stop; ++q) valid &= is_probability(planes[j][q]);
+  }
+  return valid;
+}
+
+// Adds pixels to the sums of 8 labels, a register per pair of labels whose lanes each add
+// their label's values in pixel order.
+int64_t sum_run_sse(double* sums, const float* const* planes, int64_t p, int64_t stop, bool& valid) {
+  if (stop - p < 4) return p;
+  const int64_t start = p;
+  __m128d acc[4];
+  for (int i = 0; i < 4; ++i) acc[i] = _mm_loadu_pd(sums + 2 * i);
+  __m128 bits = _mm_setzero_ps();
+  for (; p + 4 <= stop; p += 4) {
+    for (int i = 0; i < 4; ++i) {
+      const __m128 a = _mm_loadu_ps(planes[2 * i] + p), b = _mm_loadu_ps(planes[2 * i + 1] + p);
+      bits = _mm_or_ps(bits, _mm_or_ps(a, b));
+      const __m128 first = _mm_unpacklo_ps(a, b), second = _mm_unpackhi_ps(a, b);  // pixels p, p+1; p+2, p+3
+      acc[i] = _mm_add_pd(acc[i], _mm_cvtps_pd(first));
+      acc[i] = _mm_add_pd(acc[i], _mm_cvtps_pd(_mm_movehl_ps(first, first)));
+      acc[i] = _mm_add_pd(acc[i], _mm_cvtps_pd(second));
+      acc[i] = _mm_add_pd(acc[i], _mm_cvtps_pd(_mm_movehl_ps(second, second)));
+    }
+  }
+  for (int i = 0; i < 4; ++i) _mm_storeu_pd(sums + 2 * i, acc[i]);
+  valid &= all_probabilities(planes, start, p, bits);
+  return p;
+}
+
+// Copies 8 labels of unassigned pixels to their rows (one every `row_stride` floats, from
+// label first_label on) and goes on with their argmax, across four pixels at a time.
+int64_t copy_run_sse(const float* const* planes, int64_t p, int64_t stop, int64_t first_label, float* rows,
+                     int64_t row_stride, float* best, int32_t* label, bool& valid) {
+  const int64_t start = p;
+  __m128 bits = _mm_setzero_ps();
+  for (; p + 4 <= stop; p += 4, rows += 4 * row_stride, best += 4, label += 4) {
+    __m128 best4 = first_label == 0 ? _mm_loadu_ps(planes[0] + p) : _mm_loadu_ps(best);
+    __m128i label4 = first_label == 0 ? _mm_setzero_si128() : _mm_loadu_si128(reinterpret_cast<const __m128i*>(label));
+    const auto argmax_step = [&](__m128 v, int64_t l) {
+      const __m128i better = _mm_castps_si128(_mm_cmpgt_ps(v, best4));
+      best4 = _mm_max_ps(v, best4);
+      label4 = _mm_or_si128(_mm_and_si128(better, _mm_set1_epi32(static_cast<int32_t>(l))), _mm_andnot_si128(better, label4));
+    };
+    for (int i = 0; i < 4; ++i) {
+      const __m128 a = _mm_loadu_ps(planes[2 * i] + p), b = _mm_loadu_ps(planes[2 * i + 1] + p);
+      bits = _mm_or_ps(bits, _mm_or_ps(a, b));
+      const __m128 first = _mm_unpacklo_ps(a, b), second = _mm_unpackhi_ps(a, b);
+      _mm_storel_pi(reinterpret_cast<__m64*>(rows + 2 * i), first);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(rows + row_stride + 2 * i), first);
+      _mm_storel_pi(reinterpret_cast<__m64*>(rows + 2 * row_stride + 2 * i), second);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(rows + 3 * row_stride + 2 * i), second);
+      argmax_step(a, first_label + 2 * i);
+      argmax_step(b, first_label + 2 * i + 1);
+    }
+    _mm_storeu_ps(best, best4);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(label), label4);
+  }
+  valid &= all_probabilities(planes, start, p, bits);
+  return p;
+}
+#endif
 
 template <typename prob_t>
 using label_like_t = std::conditional_t<sizeof(prob_t) == 4, int32_t, int64_t>;
@@ -259,58 +337,81 @@ class DustFill {
     }
     for (int64_t k = 0; k < M_; ++k) {
       for (int64_t l = 0; l < L_; ++l) mass_[k] += stats_[k * L_ + l];
+      valid_ &= std::isfinite(mass_[k]);  // NaN and infinities of region pixels show here
     }
     check_probabilities(valid_);
   }
 
-  // Whether the values of labels first_label.. first_label + n - 1 of pixels [begin, end) are
-  // probabilities: a vectorized pass (masks as wide as the values), which also brings them in.
-  bool all_probabilities(int64_t begin, int64_t end, int64_t first_label, int64_t n) const {
-    label_like_t<prob_t> valid = -1;
-    for (int64_t l = first_label; l < first_label + n; ++l) {
-      const prob_t* plane = probs_ + l * HW_;
-      for (int64_t p = begin; p < end; ++p) valid &= -static_cast<label_like_t<prob_t>>(is_probability(plane[p]));
-    }
-    return valid != 0;
-  }
-
-  // Labels first_label.. first_label + n - 1 of pixels [begin, end): region pixels add to their
-  // regions' sums, in scan order (kept in registers along a run); unassigned pixels are copied
-  // to the rows after the waiting ones so far, and their running argmax (the first maximum)
-  // goes on.
+  // Labels first_label.. first_label + n - 1 of pixels [begin, end), run by run of a region:
+  // region pixels add to their region's sums, in scan order; unassigned pixels are copied to
+  // the rows after the waiting ones so far, and their running argmax (the first maximum) goes on.
   template <int64_t n>
   void read_block(int64_t begin, int64_t end, int64_t first_label) {
-    valid_ &= all_probabilities(begin, end, first_label, n);
-    const prob_t* planes = probs_ + first_label * HW_;
+    for (int64_t j = 0; j < n; ++j) block_planes_[j] = probs_ + (first_label + j) * HW_;
     const int32_t first_row = static_cast<int32_t>(slots_.size());
     int64_t u = 0;  // the chunk's unassigned pixels so far
     for (int64_t p = begin; p < end;) {
       const int32_t k = regions_[p];
+      int64_t stop = p + 1;
+      while (stop < end && regions_[stop] == k) ++stop;
       if (k < 0) {
-        prob_t* copy = values(first_row + static_cast<int32_t>(u)) + first_label;
-        prob_t best = first_label == 0 ? planes[p] : best_[u];
-        label_like_t<prob_t> label = first_label == 0 ? 0 : label_[u];
-        for (int64_t j = 0; j < n; ++j) {
-          const prob_t v = planes[j * HW_ + p];
-          copy[j] = v;
-          label = v > best ? static_cast<label_like_t<prob_t>>(first_label + j) : label;
-          best = std::max(best, v);
-        }
-        best_[u] = best;
-        label_[u] = label;
-        ++u, ++p;
-        continue;
+        copy_run<n>(p, stop, first_label, first_row, u);
+        u += stop - p;
+      } else {
+        sum_run<n>(&stats_[k * L_ + first_label], p, stop, first_label);
       }
-      double* s = &stats_[k * L_ + first_label];
-      double sum[n];
-      for (int64_t j = 0; j < n; ++j) sum[j] = s[j];
-      for (; p < end && regions_[p] == k; ++p) {
-        for (int64_t j = 0; j < n; ++j) {
-          sum[j] += static_cast<double>(planes[j * HW_ + p]);
-        }
-      }
-      for (int64_t j = 0; j < n; ++j) s[j] = sum[j];
+      p = stop;
     }
+  }
+
+  template <int64_t n>
+  void sum_run(double* sums, int64_t p, int64_t stop, int64_t first_label) {
+    const prob_t* planes = probs_ + first_label * HW_;
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<prob_t, float> && n == 8) p = sum_run_sse(sums, block_planes_, p, stop, valid_);
+#endif
+    double sum[n];
+    for (int64_t j = 0; j < n; ++j) sum[j] = sums[j];
+    bool valid = true;
+    for (; p < stop; ++p) {
+      for (int64_t j = 0; j < n; ++j) {
+        const prob_t v = planes[j * HW_ + p];
+        valid &= is_probability(v);
+        sum[j] += static_cast<double>(v);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) sums[j] = sum[j];
+    valid_ &= valid;
+  }
+
+  // Unassigned pixels [p, stop), the chunk's u-th and on.
+  template <int64_t n>
+  void copy_run(int64_t p, int64_t stop, int64_t first_label, int32_t first_row, int64_t u) {
+    const prob_t* planes = probs_ + first_label * HW_;
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<prob_t, float> && n == 8) {
+      const int64_t done = copy_run_sse(block_planes_, p, stop, first_label, values(first_row + static_cast<int32_t>(u)) + first_label,
+                                        row_bytes_ / 4, best_.data() + u, label_.data() + u, valid_);
+      u += done - p;
+      p = done;
+    }
+#endif
+    bool valid = true;
+    for (; p < stop; ++p, ++u) {
+      prob_t* copy = values(first_row + static_cast<int32_t>(u)) + first_label;
+      prob_t best = first_label == 0 ? planes[p] : best_[u];
+      label_like_t<prob_t> label = first_label == 0 ? 0 : label_[u];
+      for (int64_t j = 0; j < n; ++j) {
+        const prob_t v = planes[j * HW_ + p];
+        valid &= is_probability(v);
+        copy[j] = v;
+        label = v > best ? static_cast<label_like_t<prob_t>>(first_label + j) : label;
+        best = std::max(best, v);
+      }
+      best_[u] = best;
+      label_[u] = label;
+    }
+    valid_ &= valid;
   }
 
   // The framed mapping of the rows from `first_row` to pixel `end`: regions as they are;
@@ -326,17 +427,18 @@ class DustFill {
           row[x] = regions_[p];
           continue;
         }
-        const int32_t slot = static_cast<int32_t>(slots_.size());
-        prob_t* copy = values(slot);
-        const prob_t* read = values(first_copy + static_cast<int32_t>(u));
-        if (read != copy) std::copy(read, read + L_, copy);
+        prob_t* read = values(first_copy + static_cast<int32_t>(u));
+        std::fill(read + L_, read + Lp_, prob_t(0));
+        const double mass = mass_of(read);
+        valid_ &= std::isfinite(mass);  // NaN and infinities show here
         if (static_cast<double>(best_[u]) >= new_threshold[label_[u]]) {
           row[x] = static_cast<int32_t>(M_ + label_[u]);
           ++promoted_;
         } else {
+          const int32_t slot = static_cast<int32_t>(slots_.size());
           row[x] = ~slot;
-          std::fill(copy + L_, copy + Lp_, prob_t(0));
-          const double mass = mass_of(copy);
+          prob_t* copy = values(slot);
+          if (read != copy) std::copy(read, read + Lp_, copy);
           const bool floats_will_do = mass == 0.0 || (mass >= kMinFloatMass && mass <= kMaxFloatMass);
           const float inverse = !floats_will_do ? -1.0f : mass > 0.0 ? static_cast<float>(1.0 / mass) : 0.0f;
           slots_.push_back({static_cast<int32_t>((y + 1) * W2_ + 1 + x), -1, 0, inverse, mass});
@@ -673,6 +775,7 @@ class DustFill {
   // probability; whether all values read are probabilities.
   std::vector<prob_t> best_;
   std::vector<label_like_t<prob_t>> label_;
+  const prob_t* block_planes_[kLabelBlock];  // the planes of the block being read
   bool valid_ = true;
   // Per waiting pixel (slot), in scan order.
   std::vector<Slot> slots_;
