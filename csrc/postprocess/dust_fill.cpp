@@ -50,10 +50,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -238,19 +234,6 @@ struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
 
-// The waiting pixels' rows, in 2 MB pages where the kernel gives them: a round's visits are
-// sparse, so with 4 KB pages nearly every visit would miss the TLB.
-void* allocate_rows(int64_t bytes) {
-  constexpr int64_t kHugePage = int64_t(1) << 21;
-  if (bytes < kHugePage) return std::aligned_alloc(64, bytes);  // a multiple of 64
-  bytes = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-  void* rows = std::aligned_alloc(kHugePage, bytes);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (rows) madvise(rows, bytes, MADV_HUGEPAGE);  // advice only: 4 KB pages if refused
-#endif
-  return rows;
-}
-
 template <typename prob_t>
 class DustFill {
  public:
@@ -270,7 +253,7 @@ class DustFill {
     mapping_.assign(HW2_, kOutside);
     // Rows of a cache line's multiple, not zeroed: every value used is written.
     row_bytes_ = (Lp_ * static_cast<int64_t>(sizeof(prob_t)) + 63) / 64 * 64;
-    values_.reset(static_cast<char*>(allocate_rows(std::max<int64_t>(unassigned, 1) * row_bytes_)));
+    values_.reset(static_cast<char*>(std::aligned_alloc(64, std::max<int64_t>(unassigned, 1) * row_bytes_)));
     TORCH_CHECK(values_, "dust_fill: out of memory for ", unassigned, " unassigned pixels");
     slots_.reserve(unassigned);
     float_error_ = float_distance_error(L_, Lp_);
