@@ -3,52 +3,95 @@
 // Masks 0..M-1 are the regions of SEGMENT; masks M..M+L-1 collect the promoted pixels of each
 // label and keep one-hot statistics, which are never stored. (The pseudo-code's
 // `mapping[s, t] <- label` for a promoted pixel is read as `M + label`, the mask it has just set.)
-// All arithmetic is in double, in a fixed order (sums run over labels 0..L-1, statistics
-// accumulate pixels in the order they join, a vector is normalized by multiplying with the
-// reciprocal of its sum, or zero when the sum is zero), which tests/postprocess_reference.py
-// reproduces exactly.
+// The result is exactly the pseudo-code's, with its arithmetic in double in a fixed order (sums
+// run over labels 0..L-1, statistics accumulate pixels in the order they join, a vector is
+// normalized by multiplying with the reciprocal of its sum, or zero when the sum is zero), which
+// tests/postprocess_reference.py reproduces.
 //
-// The relaxation visits only the waiting pixels that border a mask, in the pseudo-code's order.
-// Its stack holds the waiting pixels in scan order; a round pops them all and pushes those that
-// stay onto the swap buffer, the next round's stack: so even rounds visit the waiting pixels in
-// reverse scan order, odd rounds in scan order, and a pixel that joins a mask is seen by the
-// pixels visited after it in the same round. A pixel that borders no mask goes back unchanged,
-// so skipping it changes nothing. The pixels a round visits are those that bordered a mask when
-// it began (a list sorted in the round's order) and those a join makes border one: the neighbour
-// next in the same row (visited right after the join), the one in the row visited next (a queue
-// that stays sorted, since joins come in order), and those already passed (the next round's).
-// Each round costs the pixels it visits, so the whole relaxation is linear in the visits.
+// The read pass goes over the probabilities once, in chunks of rows whose label planes stay in
+// the L2 cache: the argmax of every pixel (vectorized over pixels, plane by plane; it also
+// validates every value), each region's sums per label (runs of a region along a row keep the
+// sums in registers; each sum still adds its pixels in scan order), and the unassigned pixels:
+// promoted, or copied pixel by pixel for the relaxation ("waiting").
 //
-// A visit needs the distances only when they decide something. Between two visits of a pixel
-// they change only as far as the bordering regions' normalized statistics drift (unless a new
-// mask comes to border it), and a region's mass growth bounds that drift: adding mass s to mass
-// T moves the normalized statistics at most 2s/(T+s) in L1. So a pixel remembers its last exact
-// distances and the regions' masses then; a visit whose verdict these bounds settle (no mask
-// close enough, or one mask surely the closest and close enough) takes it without computing a
-// distance, and `sure_until` spares even the bounds while the threshold stays below them.
+// The relaxation. The pseudo-code's stack holds the waiting pixels in scan order; a round pops
+// them all and pushes those that stay onto the swap buffer, the next round's stack: so even
+// rounds visit the waiting pixels in reverse scan order, odd rounds in scan order, and a pixel
+// that joins a mask is seen by the pixels visited after it in the same round. A visit changes
+// something only where the pixel borders a mask, and then it borders one at every later visit:
+// so from its first such visit (its activation round a) a pixel fails at every round until it
+// joins, and its patience at round r is impatience^(r - a), multiplied up one round at a time.
+// We visit a pixel only where it may join. After a failed visit, its closest distance tells the
+// first round whose threshold may pass it, and the pixel sleeps until then unless something
+// moves its distances first: a mask it did not border comes to border it (a neighbour joins
+// one), or a bordering region's normalized statistics drift further than the slack left (adding
+// mass s to mass T moves them at most 2s/(T+s) in L1, so a region's mass bounds the drift; each
+// region keeps the masses at which its sleepers must wake in a heap). A woken pixel is visited
+// at its next place in the pseudo-code's order: later in this round if it comes after the pixel
+// being visited, else next round. The pixels of a round are a bitset scanned in the round's
+// order, so a pixel put in ahead of the scan is met in order. Every visit of the pseudo-code
+// that could join a pixel is made, in its order, on its state, so the joins and the statistics
+// are the pseudo-code's. Visits jump around the image, so the scan prefetches the next one's data.
+//
+// Distances are first computed in float, with a bound on their error; only a decision that the
+// bound leaves open (a distance that close to the threshold, or two masks that close) is taken
+// from the exact double distances, computed as the pseudo-code does.
+//
+// Pixels are indexed in the image framed by one pixel on each side (kOutside), so that the four
+// neighbours of every pixel exist; the frame keeps scan order.
 #include "postprocess.h"
+#include "pixel_set.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace unet_postprocess {
 namespace {
 
-constexpr int32_t kNoMatch = -1;    // bordering masks, none close enough
-constexpr int32_t kUnsettled = -2;  // the bounds settle nothing: compute the distances
+constexpr int32_t kNoMatch = -1;  // bordering masks, none close enough
+constexpr int32_t kUnsure = -2;   // the float distances leave the decision open
+constexpr int32_t kOutside = std::numeric_limits<int32_t>::max();  // the frame's mapping
 
-// Bounds on distances are widened by this much: far more than the rounding of distances (sums of
-// L <= 2^28 terms below 2) and of masses (sums of at most 2^32 non-negative terms) can move them.
-constexpr double kBoundMargin = 1e-5;
+// Float sums run in this many lanes; copies of probabilities and normalized statistics are
+// padded with zeros to a multiple of it.
+constexpr int64_t kLanes = 8;
 
-// A pixel remembers at most this many bordering masks (more are rare: it is evaluated each visit).
-constexpr int kRemembered = 2;
+// The read pass takes about this many bytes of label planes at a time.
+constexpr int64_t kChunkBytes = 256 * 1024;
 
-// Scales `values` to sum 1, or to zeros when they sum to 0.
+// The argmax goes over this many pixels at a time, so its running maxima stay in L1.
+constexpr int64_t kArgmaxPixels = 512;
+
+// Region sums are kept in registers for this many labels at a time.
+constexpr int64_t kLabelBlock = 8;
+
+// Pixels whose probabilities sum outside this range (where float reciprocals would overflow)
+// always get exact distances.
+constexpr double kMinFloatMass = 1e-30, kMaxFloatMass = 1e30;
+
+// The thresholds are tabulated until they pass this, beyond any distance between two normalized
+// vectors (at most 2): a pixel that borders a mask joins by then.
+constexpr double kFarthest = 4.0;
+
+// A bound on |float distance - exact distance|. A float normalized value is off by at most
+// (Lp / 8 + 5) float roundings (the lane sum of the pixel's mass, its reciprocal, the product;
+// the double value's rounding), a term of the sum by one more, and each lane adds up Lp / 8
+// terms of total at most 2: about (12 + 3 Lp / 8) * 2^-24 in all, and the exact double distance
+// is within L * 2^-50 of the real one. We allow about three times that.
+double float_distance_error(int64_t labels, int64_t padded_labels) {
+  return (padded_labels / 4.0 + 32.0) * std::ldexp(1.0, -22) + labels * std::ldexp(1.0, -46);
+}
+
+// Scales `values` to sum 1, or to zeros when they sum to 0: the exact arithmetic.
 template <typename value_t>
 void normalize(const value_t* values, int64_t n, double* out) {
   double total = 0.0;
@@ -63,75 +106,170 @@ void write_one_hot_rows(int64_t num_labels, double* out) {
   for (int64_t l = 0; l < num_labels; ++l) out[l * num_labels + l] = 1.0;
 }
 
-// A pixel left unassigned by SEGMENT and not promoted: what each visit reads.
-struct Waiting {
-  int64_t visit_round = -1;  // the round whose visit list holds it, if any
-  int64_t sure_until = 0;    // visits before this round fail while no region passes its wake mass
-  double patience = 1.0;
-  int32_t remembered = 0;  // masks remembered by the last exact visit; 0 until then, or after a new one borders
-  int32_t mask[kRemembered];
-  double wake_mass[kRemembered];  // sure_until holds while the region's mass stays at most this
-};
-
-// What an exact visit reads, and remembers for the visits after.
-struct Remembered {
-  double mass;     // sum of the pixel's probabilities
-  double inverse;  // 1 / mass, or 0: normalizes them
-  double distance[kRemembered];   // exact, at the last exact visit
-  double mass_then[kRemembered];  // the region's mass at that visit
-};
-
-// Pixel positions in the order a round visits them, and the next round's list built from the
-// three streams (each sorted in this round's order) that a round produces.
-class RoundOrder {
- public:
-  explicit RoundOrder(int64_t round) : descending_(round % 2 == 0) {}
-  bool before(int64_t a, int64_t b) const { return descending_ ? a > b : a < b; }
-  // Merges the streams into `out`, sorted for the next round (the opposite order).
-  void next_round(const std::vector<int32_t>& a, const std::vector<int32_t>& b, const std::vector<int32_t>& c,
-                  std::vector<int32_t>& scratch, std::vector<int32_t>& out) const {
-    const auto order = [this](int32_t x, int32_t y) { return before(x, y); };
-    scratch.resize(a.size() + b.size());
-    std::merge(a.begin(), a.end(), b.begin(), b.end(), scratch.begin(), order);
-    out.resize(scratch.size() + c.size());
-    std::merge(scratch.begin(), scratch.end(), c.begin(), c.end(), out.begin(), order);
-    std::reverse(out.begin(), out.end());
+// For pixels [begin, end) of [labels, pixels] planes, in runs of kArgmaxPixels: the most probable
+// label (the first on ties) and its probability. Returns whether every value read is a
+// probability. The selects use masks as wide as the values (GCC does not vectorize `c ? a : b`).
+template <typename prob_t, typename label_t>
+bool argmax_pixels(const prob_t* probs, int64_t num_labels, int64_t pixels, int64_t begin, int64_t end,
+                   prob_t* best, label_t* label) {
+  static_assert(sizeof(label_t) == sizeof(prob_t), "labels as wide as the values");
+  label_t valid = -1;
+  for (int64_t start = begin; start < end; start += kArgmaxPixels) {
+    const int64_t n = std::min(kArgmaxPixels, end - start);
+    prob_t* b = best + (start - begin);
+    label_t* index = label + (start - begin);
+    std::copy(probs + start, probs + start + n, b);
+    std::fill(index, index + n, 0);
+    for (int64_t l = 0; l < num_labels; ++l) {
+      const prob_t* plane = probs + l * pixels + start;
+      for (int64_t i = 0; i < n; ++i) {
+        const prob_t v = plane[i], old_best = b[i];
+        const label_t better = -static_cast<label_t>(v > old_best);
+        valid &= -static_cast<label_t>(is_probability(v));
+        b[i] = std::max(old_best, v);
+        index[i] = (static_cast<label_t>(l) & better) | (index[i] & ~better);
+      }
+    }
   }
+  return valid != 0;
+}
 
- private:
-  bool descending_;
+#if defined(__SSE2__)
+// SSE2 versions of the read pass's loops for float probabilities and blocks of 8 labels, four
+// pixels at a time; they return the first pixel they leave to the scalar loop. Values are
+// checked on the way for a sign bit (negative values, and -0.0) only: NaN and infinities show
+// in the sums they go into (region pixels) or in the pixel's sum (settle_unassigned).
+
+// Whether the 8 labels of pixels [p, stop) are probabilities, given the OR of their bits: the
+// exact check where a sign bit is set.
+inline bool all_probabilities(const float* const* planes, int64_t p, int64_t stop, __m128 bits) {
+  if (_mm_movemask_ps(bits) == 0) return true;
+  bool valid = true;
+  for (int64_t j = 0; j < 8; ++j) {
+    for (int64_t q = p; q < stop; ++q) valid &= is_probability(planes[j][q]);
+  }
+  return valid;
+}
+
+// Adds pixels to the sums of 8 labels, a register per pair of labels whose lanes each add
+// their label's values in pixel order.
+int64_t sum_run_sse(double* sums, const float* const* planes, int64_t p, int64_t stop, bool& valid) {
+  if (stop - p < 4) return p;
+  const int64_t start = p;
+  __m128d acc[4];
+  for (int i = 0; i < 4; ++i) acc[i] = _mm_loadu_pd(sums + 2 * i);
+  __m128 bits = _mm_setzero_ps();
+  for (; p + 4 <= stop; p += 4) {
+    for (int i = 0; i < 4; ++i) {
+      const __m128 a = _mm_loadu_ps(planes[2 * i] + p), b = _mm_loadu_ps(planes[2 * i + 1] + p);
+      bits = _mm_or_ps(bits, _mm_or_ps(a, b));
+      const __m128 first = _mm_unpacklo_ps(a, b), second = _mm_unpackhi_ps(a, b);  // pixels p, p+1; p+2, p+3
+      acc[i] = _mm_add_pd(acc[i], _mm_cvtps_pd(first));
+      acc[i] = _mm_add_pd(acc[i], _mm_cvtps_pd(_mm_movehl_ps(first, first)));
+      acc[i] = _mm_add_pd(acc[i], _mm_cvtps_pd(second));
+      acc[i] = _mm_add_pd(acc[i], _mm_cvtps_pd(_mm_movehl_ps(second, second)));
+    }
+  }
+  for (int i = 0; i < 4; ++i) _mm_storeu_pd(sums + 2 * i, acc[i]);
+  valid &= all_probabilities(planes, start, p, bits);
+  return p;
+}
+
+// Copies 8 labels of unassigned pixels to their rows (one every `row_stride` floats, from
+// label first_label on) and goes on with their argmax, across four pixels at a time.
+int64_t copy_run_sse(const float* const* planes, int64_t p, int64_t stop, int64_t first_label, float* rows,
+                     int64_t row_stride, float* best, int32_t* label, bool& valid) {
+  const int64_t start = p;
+  __m128 bits = _mm_setzero_ps();
+  for (; p + 4 <= stop; p += 4, rows += 4 * row_stride, best += 4, label += 4) {
+    __m128 best4 = first_label == 0 ? _mm_loadu_ps(planes[0] + p) : _mm_loadu_ps(best);
+    __m128i label4 = first_label == 0 ? _mm_setzero_si128() : _mm_loadu_si128(reinterpret_cast<const __m128i*>(label));
+    const auto argmax_step = [&](__m128 v, int64_t l) {
+      const __m128i better = _mm_castps_si128(_mm_cmpgt_ps(v, best4));
+      best4 = _mm_max_ps(v, best4);
+      label4 = _mm_or_si128(_mm_and_si128(better, _mm_set1_epi32(static_cast<int32_t>(l))), _mm_andnot_si128(better, label4));
+    };
+    for (int i = 0; i < 4; ++i) {
+      const __m128 a = _mm_loadu_ps(planes[2 * i] + p), b = _mm_loadu_ps(planes[2 * i + 1] + p);
+      bits = _mm_or_ps(bits, _mm_or_ps(a, b));
+      const __m128 first = _mm_unpacklo_ps(a, b), second = _mm_unpackhi_ps(a, b);
+      _mm_storel_pi(reinterpret_cast<__m64*>(rows + 2 * i), first);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(rows + row_stride + 2 * i), first);
+      _mm_storel_pi(reinterpret_cast<__m64*>(rows + 2 * row_stride + 2 * i), second);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(rows + 3 * row_stride + 2 * i), second);
+      argmax_step(a, first_label + 2 * i);
+      argmax_step(b, first_label + 2 * i + 1);
+    }
+    _mm_storeu_ps(best, best4);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(label), label4);
+  }
+  valid &= all_probabilities(planes, start, p, bits);
+  return p;
+}
+#endif
+
+template <typename prob_t>
+using label_like_t = std::conditional_t<sizeof(prob_t) == 4, int32_t, int64_t>;
+
+// What the relaxation keeps of a waiting pixel (slot); its probabilities are apart.
+struct Slot {
+  int32_t pixel;         // in the framed image
+  int32_t active_round;  // its first visit bordering a mask; -1 before
+  int32_t next_round;    // its next visit, once active
+  float inverse;         // 1 / its mass (float), 0 for zeros; -1: exact distances only
+  double mass;           // the sum of its probabilities, near enough for bounds
+};
+
+// A sleeping pixel to wake when its region's mass passes `mass`, unless it woke since (its
+// next visit is no longer `round`).
+struct DriftWake {
+  double mass;
+  int32_t pixel;
+  int32_t round;
+};
+
+bool wakes_later(const DriftWake& a, const DriftWake& b) { return a.mass > b.mass; }
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
 };
 
 template <typename prob_t>
 class DustFill {
  public:
   DustFill(const prob_t* probs, const int32_t* regions, int64_t num_labels, int64_t height, int64_t width)
-      : probs_(probs), L_(num_labels), H_(height), W_(width), HW_(height * width) {
-    const int64_t unassigned = count_masks(regions);
+      : probs_(probs), regions_(regions), L_(num_labels), Lp_((num_labels + kLanes - 1) / kLanes * kLanes),
+        H_(height), W_(width), HW_(height * width), W2_(width + 2), HW2_((height + 2) * (width + 2)),
+        current_(HW2_), next_(HW2_) {
+    const int64_t unassigned = count_masks();
     stats_.assign(M_ * L_, 0.0);
-    normalized_.assign(M_ * L_, 0.0);
-    fresh_.assign(M_, 0);
+    float_normalized_.assign(M_ * Lp_, 0.0f);
+    version_.assign(M_, 1);
+    float_version_.assign(M_, 0);
     mass_.assign(M_, 0.0);
+    drift_.resize(M_);
     zeros_.assign(L_, 0.0);
-    mapping_.assign(regions, regions + HW_);
-    unassigned_.reserve(unassigned);
-    for (int64_t p = 0; p < HW_; ++p) {
-      if (regions[p] < 0) unassigned_.push_back(static_cast<int32_t>(p));
-    }
-    read_probabilities(regions);
-    for (int64_t k = 0; k < M_; ++k) {
-      for (int64_t l = 0; l < L_; ++l) mass_[k] += stats_[k * L_ + l];
-    }
+    exact_normalized_.resize(4 * L_);
+    mapping_.assign(HW2_, kOutside);
+    // Rows of a cache line's multiple, not zeroed: every value used is written.
+    row_bytes_ = (Lp_ * static_cast<int64_t>(sizeof(prob_t)) + 63) / 64 * 64;
+    values_.reset(static_cast<char*>(std::aligned_alloc(64, std::max<int64_t>(unassigned, 1) * row_bytes_)));
+    TORCH_CHECK(values_, "dust_fill: out of memory for ", unassigned, " unassigned pixels");
+    slots_.reserve(unassigned);
+    float_error_ = float_distance_error(L_, Lp_);
+    margin_ = 2.0 * float_error_;
   }
 
   // Returns false when nothing is mapped after promotion: no pixel could ever border a mask and
   // Algorithm 4 would not terminate.
   bool run(const double* new_threshold, double join_threshold, double impatience) {
-    promote_confident_pixels(new_threshold);
-    if (waiting_.empty()) return true;
+    read_probabilities(new_threshold);
+    remaining_ = static_cast<int64_t>(slots_.size());
+    if (remaining_ == 0) return true;
     if (M_ == 0 && promoted_ == 0) return false;
-    std::vector<int32_t> visits = bordering_waiting_pixels();
-    for (int64_t round = 0; !visits.empty(); ++round) relax(round, join_threshold, impatience, visits);
+    tabulate_limits(join_threshold, impatience);
+    activate_bordering_pixels();
+    relax();
     return true;
   }
 
@@ -143,10 +281,15 @@ class DustFill {
       mask_label[k] = std::max_element(s, s + L_) - s;
     }
     for (int64_t l = 0; l < L_; ++l) mask_label[M_ + l] = l;
-    for (int64_t p = 0; p < HW_; ++p) out[p] = mask_label[mapping_[p]];
+    for (int64_t y = 0; y < H_; ++y) {
+      const int32_t* row = &mapping_[(y + 1) * W2_ + 1];
+      for (int64_t x = 0; x < W_; ++x) out[y * W_ + x] = mask_label[row[x]];
+    }
   }
 
-  void write_masks(int32_t* out) const { std::copy(mapping_.begin(), mapping_.end(), out); }
+  void write_masks(int32_t* out) const {
+    for (int64_t y = 0; y < H_; ++y) std::copy_n(&mapping_[(y + 1) * W2_ + 1], W_, out + y * W_);
+  }
 
   // [M + L, L]: the regions' statistics, then the promoted masks' one-hot rows.
   void write_statistics(double* out) const {
@@ -156,13 +299,13 @@ class DustFill {
 
  private:
   // Validates the ids and sets M_, before anything is allocated; returns the unassigned count.
-  int64_t count_masks(const int32_t* regions) {
+  int64_t count_masks() {
     int32_t largest = -1, smallest = -1;
     int64_t unassigned = 0;
     for (int64_t p = 0; p < HW_; ++p) {
-      largest = std::max(largest, regions[p]);
-      smallest = std::min(smallest, regions[p]);
-      unassigned += regions[p] < 0;
+      largest = std::max(largest, regions_[p]);
+      smallest = std::min(smallest, regions_[p]);
+      unassigned += regions_[p] < 0;
     }
     TORCH_CHECK_VALUE(
         smallest >= -1 && largest < HW_, "regions: expected ids in [-1, H*W) (-1 = unassigned), got ids from ",
@@ -175,281 +318,440 @@ class DustFill {
     return unassigned;
   }
 
-  // One streaming pass over the label planes, in blocks of labels: sums each region's
-  // probabilities per label in scan order; copies the unassigned pixels' probabilities next to
-  // each other (the waiting ones are read again at every exact visit; the copy is at most the
-  // input's size and spares gathering them from every plane), and finds each one's most probable
-  // label and mass. Values are validated without a branch per value: NaN and infinities of
-  // region pixels show in the sums, negative values in the smallest value seen.
-  void read_probabilities(const int32_t* regions) {
-    constexpr int64_t kBlock = 8;
-    const size_t unassigned = unassigned_.size();
-    unassigned_probs_.reset(new prob_t[unassigned * L_]);  // not zeroed: every value is written
-    best_label_.assign(unassigned, 0);
-    unassigned_mass_.assign(unassigned, 0.0);
-    bool valid = true;
-    int64_t l = 0;
-    for (; l + kBlock <= L_; l += kBlock) read_label_block<kBlock>(regions, l, valid);
-    for (; l < L_; ++l) read_label_block<1>(regions, l, valid);
-    for (const double sum : stats_) valid &= std::isfinite(sum);
-    check_probabilities(valid);
+  // ------------------------------------------------------------------------- the read pass
+
+  // Chunk by chunk of rows, label block by label block: each value is read once (a block's
+  // planes stream side by side; more planes at once would collide in the caches' sets, as
+  // planes are often a power of two apart), then the chunk's unassigned pixels are settled.
+  void read_probabilities(const double* new_threshold) {
+    const int64_t row_bytes = L_ * static_cast<int64_t>(sizeof(prob_t)) * std::max<int64_t>(W_, 1);
+    const int64_t rows = std::max<int64_t>(1, kChunkBytes / row_bytes);
+    best_.resize(rows * W_);
+    label_.resize(rows * W_);
+    for (int64_t y = 0; y < H_; y += rows) {
+      const int64_t begin = y * W_, end = std::min(H_, y + rows) * W_;
+      int64_t l = 0;
+      for (; l + kLabelBlock <= L_; l += kLabelBlock) read_block<kLabelBlock>(begin, end, l);
+      for (; l < L_; ++l) read_block<1>(begin, end, l);
+      settle_unassigned(y, end, new_threshold);
+    }
+    for (int64_t k = 0; k < M_; ++k) {
+      for (int64_t l = 0; l < L_; ++l) mass_[k] += stats_[k * L_ + l];
+      valid_ &= std::isfinite(mass_[k]);  // NaN and infinities of region pixels show here
+    }
+    check_probabilities(valid_);
   }
 
-  // Region sums stay in registers along each run of one region. ANDs the values' validity into
-  // `valid`.
-  template <int64_t kBlock>
-  void read_label_block(const int32_t* regions, int64_t first_label, bool& valid) {
-    const prob_t* planes = probs_ + first_label * HW_;
-    prob_t* copy = unassigned_probs_.get() + first_label;
-    prob_t lowest[kBlock] = {};
-    bool unassigned_valid = true;
-    int64_t p = 0, u = 0;
-    while (p < HW_) {
-      const int32_t k = regions[p];
+  // Labels first_label.. first_label + n - 1 of pixels [begin, end), run by run of a region:
+  // region pixels add to their region's sums, in scan order; unassigned pixels are copied to
+  // the rows after the waiting ones so far, and their running argmax (the first maximum) goes on.
+  template <int64_t n>
+  void read_block(int64_t begin, int64_t end, int64_t first_label) {
+    for (int64_t j = 0; j < n; ++j) block_planes_[j] = probs_ + (first_label + j) * HW_;
+    const int32_t first_row = static_cast<int32_t>(slots_.size());
+    int64_t u = 0;  // the chunk's unassigned pixels so far
+    for (int64_t p = begin; p < end;) {
+      const int32_t k = regions_[p];
+      int64_t stop = p + 1;
+      while (stop < end && regions_[stop] == k) ++stop;
       if (k < 0) {
-        const prob_t* row = copy - first_label;
-        int32_t label = best_label_[u];
-        double mass = unassigned_mass_[u];
-        for (int64_t j = 0; j < kBlock; ++j) {
-          const prob_t v = planes[j * HW_ + p];
-          copy[j] = v;
-          unassigned_valid &= is_probability(v);
-          mass += static_cast<double>(v);
-          label = v > row[label] ? static_cast<int32_t>(first_label + j) : label;  // the first maximum
-        }
-        best_label_[u] = label;
-        unassigned_mass_[u] = mass;
-        copy += L_;
-        ++p, ++u;
-        continue;
-      }
-      double* s = &stats_[k * L_ + first_label];
-      double sum[kBlock];
-      for (int64_t j = 0; j < kBlock; ++j) sum[j] = s[j];
-      for (; p < HW_ && regions[p] == k; ++p) {
-        for (int64_t j = 0; j < kBlock; ++j) {
-          const prob_t v = planes[j * HW_ + p];
-          lowest[j] = std::min(lowest[j], v);
-          sum[j] += static_cast<double>(v);
-        }
-      }
-      for (int64_t j = 0; j < kBlock; ++j) s[j] = sum[j];
-    }
-    valid &= unassigned_valid && *std::min_element(lowest, lowest + kBlock) >= 0;
-  }
-
-  // First pass: unassigned pixels whose most probable label reaches its threshold join that
-  // label's mask; the others wait, in scan order, their probabilities moved to the copy's front.
-  // A waiting pixel's mapping is ~slot (negative).
-  void promote_confident_pixels(const double* new_threshold) {
-    waiting_.reserve(unassigned_.size());
-    remembered_.reserve(unassigned_.size());
-    waiting_pixels_.reserve(unassigned_.size());
-    for (size_t u = 0; u < unassigned_.size(); ++u) {
-      const prob_t* v = &unassigned_probs_[u * L_];
-      const int32_t p = unassigned_[u], label = best_label_[u];
-      if (static_cast<double>(v[label]) >= new_threshold[label]) {
-        mapping_[p] = static_cast<int32_t>(M_ + label);
-        ++promoted_;
-        continue;
-      }
-      const int32_t slot = static_cast<int32_t>(waiting_.size());
-      mapping_[p] = ~slot;
-      std::copy(v, v + L_, &unassigned_probs_[slot * L_]);  // slot <= u: moves forward only
-      const double mass = unassigned_mass_[u];
-      waiting_.emplace_back();
-      remembered_.push_back({mass, mass > 0.0 ? 1.0 / mass : 0.0});  // the inverse as normalize() computes it
-      waiting_pixels_.push_back(p);
-    }
-  }
-
-  bool is_waiting(int64_t p) const { return mapping_[p] < 0; }
-  int32_t slot_of(int64_t p) const { return ~mapping_[p]; }
-  const prob_t* probabilities(int32_t slot) const { return &unassigned_probs_[slot * L_]; }
-
-  // Round 0's visits: the waiting pixels that border a mask, in reverse scan order.
-  std::vector<int32_t> bordering_waiting_pixels() {
-    std::vector<int32_t> visits;
-    for (int64_t slot = static_cast<int64_t>(waiting_.size()) - 1; slot >= 0; --slot) {
-      int32_t neighbours[4];
-      const int n = neighbours_of(waiting_pixels_[slot], neighbours);
-      bool borders = false;
-      for (int i = 0; i < n; ++i) borders |= !is_waiting(neighbours[i]);
-      if (borders) {
-        waiting_[slot].visit_round = 0;
-        visits.push_back(waiting_pixels_[slot]);
-      }
-    }
-    return visits;
-  }
-
-  // The 4-neighbours inside the image, in the pseudo-code's order (y+1,x), (y-1,x), (y,x+1), (y,x-1).
-  int neighbours_of(int64_t p, int32_t* out) const {
-    const int64_t y = p / W_, x = p % W_;
-    int n = 0;
-    if (y + 1 < H_) out[n++] = static_cast<int32_t>(p + W_);
-    if (y > 0) out[n++] = static_cast<int32_t>(p - W_);
-    if (x + 1 < W_) out[n++] = static_cast<int32_t>(p + 1);
-    if (x > 0) out[n++] = static_cast<int32_t>(p - 1);
-    return n;
-  }
-
-  // One round: visits `visits` (sorted in the round's order) and the pixels joins make border a
-  // mask ahead of the visit; leaves the next round's visits in `visits`.
-  void relax(int64_t round, double join_threshold, double impatience, std::vector<int32_t>& visits) {
-    const RoundOrder order(round);
-    row_ahead_.clear();
-    failed_.clear();
-    side_behind_.clear();
-    row_behind_.clear();
-    size_t next_visit = 0, next_row_ahead = 0;
-    int32_t side_ahead = -1;  // the neighbour in the same row just after a join, if it waits
-    while (true) {
-      int32_t p;
-      if (side_ahead >= 0) {
-        p = side_ahead;  // no other pixel comes between a pixel and its neighbour
-        side_ahead = -1;
-      } else if (next_visit < visits.size() &&
-                 (next_row_ahead == row_ahead_.size() || order.before(visits[next_visit], row_ahead_[next_row_ahead]))) {
-        p = visits[next_visit++];
-      } else if (next_row_ahead < row_ahead_.size()) {
-        p = row_ahead_[next_row_ahead++];
+        copy_run<n>(p, stop, first_label, first_row, u);
+        u += stop - p;
       } else {
-        break;
+        sum_run<n>(&stats_[k * L_ + first_label], p, stop, first_label);
       }
-      const int32_t slot = slot_of(p);
-      Waiting& w = waiting_[slot];
-      const int32_t mask = decide(p, slot, round, join_threshold, impatience);
-      if (mask == kNoMatch) {
-        w.patience *= impatience;
-        w.visit_round = round + 1;
-        failed_.push_back(p);
-        continue;
+      p = stop;
+    }
+  }
+
+  template <int64_t n>
+  void sum_run(double* sums, int64_t p, int64_t stop, int64_t first_label) {
+    const prob_t* planes = probs_ + first_label * HW_;
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<prob_t, float> && n == 8) p = sum_run_sse(sums, block_planes_, p, stop, valid_);
+#endif
+    double sum[n];
+    for (int64_t j = 0; j < n; ++j) sum[j] = sums[j];
+    bool valid = true;
+    for (; p < stop; ++p) {
+      for (int64_t j = 0; j < n; ++j) {
+        const prob_t v = planes[j * HW_ + p];
+        valid &= is_probability(v);
+        sum[j] += static_cast<double>(v);
       }
-      join(p, slot, mask);
-      int32_t neighbours[4];
-      const int n = neighbours_of(p, neighbours);
-      for (int i = 0; i < n; ++i) {
-        const int32_t q = neighbours[i];
-        if (!is_waiting(q)) continue;
-        Waiting& v = waiting_[slot_of(q)];
-        if (std::find(v.mask, v.mask + v.remembered, mask) == v.mask + v.remembered) {
-          v.remembered = 0;  // a new mask borders it: what it remembers no longer covers its masks
-          v.sure_until = 0;
+    }
+    for (int64_t j = 0; j < n; ++j) sums[j] = sum[j];
+    valid_ &= valid;
+  }
+
+  // Unassigned pixels [p, stop), the chunk's u-th and on.
+  template <int64_t n>
+  void copy_run(int64_t p, int64_t stop, int64_t first_label, int32_t first_row, int64_t u) {
+    const prob_t* planes = probs_ + first_label * HW_;
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<prob_t, float> && n == 8) {
+      const int64_t done = copy_run_sse(block_planes_, p, stop, first_label, values(first_row + static_cast<int32_t>(u)) + first_label,
+                                        row_bytes_ / 4, best_.data() + u, label_.data() + u, valid_);
+      u += done - p;
+      p = done;
+    }
+#endif
+    bool valid = true;
+    for (; p < stop; ++p, ++u) {
+      prob_t* copy = values(first_row + static_cast<int32_t>(u)) + first_label;
+      prob_t best = first_label == 0 ? planes[p] : best_[u];
+      label_like_t<prob_t> label = first_label == 0 ? 0 : label_[u];
+      for (int64_t j = 0; j < n; ++j) {
+        const prob_t v = planes[j * HW_ + p];
+        valid &= is_probability(v);
+        copy[j] = v;
+        label = v > best ? static_cast<label_like_t<prob_t>>(first_label + j) : label;
+        best = std::max(best, v);
+      }
+      best_[u] = best;
+      label_[u] = label;
+    }
+    valid_ &= valid;
+  }
+
+  // The framed mapping of the rows from `first_row` to pixel `end`: regions as they are;
+  // unassigned pixels whose most probable label reaches its threshold are promoted, the others
+  // wait, their copies moved up to the waiting ones' rows.
+  void settle_unassigned(int64_t first_row, int64_t end, const double* new_threshold) {
+    const int32_t first_copy = static_cast<int32_t>(slots_.size());
+    int64_t u = 0;
+    for (int64_t p = first_row * W_, y = first_row; p < end; ++y) {
+      int32_t* row = &mapping_[(y + 1) * W2_ + 1];
+      for (int64_t x = 0; x < W_; ++x, ++p) {
+        if (regions_[p] >= 0) {
+          row[x] = regions_[p];
+          continue;
         }
-        const bool same_row = q == p + 1 || q == p - 1;
-        if (order.before(p, q)) {  // visited later in this round
-          if (v.visit_round == round) continue;
-          v.visit_round = round;
-          if (same_row) {
-            side_ahead = q;
-          } else {
-            row_ahead_.push_back(q);
-          }
-        } else if (v.visit_round != round + 1) {
-          v.visit_round = round + 1;
-          (same_row ? side_behind_ : row_behind_).push_back(q);
+        prob_t* read = values(first_copy + static_cast<int32_t>(u));
+        std::fill(read + L_, read + Lp_, prob_t(0));
+        const double mass = mass_of(read);
+        valid_ &= std::isfinite(mass);  // NaN and infinities show here
+        if (static_cast<double>(best_[u]) >= new_threshold[label_[u]]) {
+          row[x] = static_cast<int32_t>(M_ + label_[u]);
+          ++promoted_;
+        } else {
+          const int32_t slot = static_cast<int32_t>(slots_.size());
+          row[x] = ~slot;
+          prob_t* copy = values(slot);
+          if (read != copy) std::copy(read, read + Lp_, copy);
+          const bool floats_will_do = mass == 0.0 || (mass >= kMinFloatMass && mass <= kMaxFloatMass);
+          const float inverse = !floats_will_do ? -1.0f : mass > 0.0 ? static_cast<float>(1.0 / mass) : 0.0f;
+          slots_.push_back({static_cast<int32_t>((y + 1) * W2_ + 1 + x), -1, 0, inverse, mass});
         }
+        ++u;
       }
     }
-    order.next_round(failed_, side_behind_, row_behind_, scratch_, visits);
   }
 
-  // The mask the pixel joins at this visit, or kNoMatch: from what it remembers when that
-  // settles it, from the exact distances otherwise.
-  int32_t decide(int64_t p, int32_t slot, int64_t round, double join_threshold, double impatience) {
-    Waiting& w = waiting_[slot];
-    if (surely_fails(w, round)) return kNoMatch;
-    const double limit = join_threshold * w.patience;
-    const int32_t settled = w.remembered > 0 ? settle(w, remembered_[slot], limit) : kUnsettled;
-    if (settled == kNoMatch) schedule(w, remembered_[slot], round, join_threshold, impatience);
-    if (settled != kUnsettled) return settled;
-    return closest_mask(p, slot, round, join_threshold, impatience);
-  }
-
-  bool surely_fails(const Waiting& w, int64_t round) const {
-    if (round >= w.sure_until) return false;
-    for (int k = 0; k < w.remembered; ++k) {
-      if (w.mask[k] < M_ && mass_[w.mask[k]] > w.wake_mass[k]) return false;
+  // The sum of a padded copy, in float lanes where it stays finite (near enough for bounds).
+  double mass_of(const prob_t* copy) const {
+    float lane[kLanes] = {};
+    for (int64_t l = 0; l < Lp_; l += kLanes) {
+      for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<float>(copy[l + j]);
     }
-    return true;
+    const float mass = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    if (std::isfinite(mass)) return mass;
+    double total = 0.0;
+    for (int64_t l = 0; l < L_; ++l) total += static_cast<double>(copy[l]);
+    return total;
   }
 
-  // The exact visit's verdict where the remembered distances, widened by the drift since, settle
-  // it: kNoMatch when every distance stays at or above `limit`, a mask when its distance stays
-  // below `limit` and below every other, kUnsettled otherwise.
-  int32_t settle(const Waiting& w, const Remembered& r, double limit) const {
-    double low[kRemembered], high[kRemembered];
-    for (int k = 0; k < w.remembered; ++k) {
-      double drift = 0.0;
-      if (w.mask[k] < M_) {
-        const double mass = mass_[w.mask[k]];
-        drift = mass > r.mass_then[k] ? 2.0 * (mass - r.mass_then[k]) / mass : 0.0;
+  // ------------------------------------------------------------------------- the relaxation
+
+  bool is_waiting(int64_t pixel) const { return mapping_[pixel] < 0; }
+  int32_t slot_of(int64_t pixel) const { return ~mapping_[pixel]; }
+  prob_t* values(int32_t slot) const { return reinterpret_cast<prob_t*>(values_.get() + slot * row_bytes_); }
+
+  // The 4-neighbours in the pseudo-code's order (y+1,x), (y-1,x), (y,x+1), (y,x-1).
+  void neighbours_of(int64_t pixel, int64_t* out) const {
+    out[0] = pixel + W2_;
+    out[1] = pixel - W2_;
+    out[2] = pixel + 1;
+    out[3] = pixel - 1;
+  }
+
+  static bool is_mask(int32_t m) { return m >= 0 && m != kOutside; }
+
+  // The distinct masks among the pixel's neighbours, in neighbours_of's order.
+  int bordering_masks(int64_t pixel, int32_t* masks) const {
+    const int32_t m[4] = {mapping_[pixel + W2_], mapping_[pixel - W2_], mapping_[pixel + 1], mapping_[pixel - 1]};
+    int count = 0;
+    for (int i = 0; i < 4; ++i) {
+      bool seen = !is_mask(m[i]);
+      for (int j = 0; j < i; ++j) seen |= m[j] == m[i];
+      if (!seen) masks[count++] = m[i];
+    }
+    return count;
+  }
+
+  // limits_[f]: the threshold at a visit after f failed ones, join_threshold * patience, the
+  // patience multiplied by impatience once per failure, as the pseudo-code does.
+  void tabulate_limits(double join_threshold, double impatience) {
+    for (double patience = 1.0; limits_.empty() || !(limits_.back() > kFarthest); patience *= impatience) {
+      limits_.push_back(join_threshold * patience);
+    }
+  }
+
+  // Round 0 visits the waiting pixels that border a mask from the start.
+  void activate_bordering_pixels() {
+    for (Slot& s : slots_) {
+      int32_t masks[4];
+      if (bordering_masks(s.pixel, masks) > 0) {
+        s.active_round = 0;
+        schedule(s.pixel, s, 0);
       }
-      low[k] = r.distance[k] - drift - kBoundMargin;
-      high[k] = r.distance[k] + drift + kBoundMargin;
     }
-    const int closest = static_cast<int>(std::min_element(high, high + w.remembered) - high);
-    bool fails = true, closest_wins = high[closest] < limit;
-    for (int k = 0; k < w.remembered; ++k) {
-      fails &= low[k] >= limit;
-      closest_wins &= k == closest || low[k] > high[closest];
-    }
-    return fails ? kNoMatch : closest_wins ? w.mask[closest] : kUnsettled;
   }
 
-  // Of the masks among p's 4-neighbours, in neighbours_of's order, the first with the smallest
-  // distance below join_threshold * patience, or kNoMatch (and the distances are remembered). A
-  // mask seen twice gives the same distance, which can never win the second time, so it is
-  // evaluated once.
-  int32_t closest_mask(int64_t p, int32_t slot, int64_t round, double join_threshold, double impatience) {
-    int32_t neighbours[4], masks[4];
-    const int n = neighbours_of(p, neighbours);
-    int n_masks = 0;
-    for (int i = 0; i < n; ++i) {
-      const int32_t m = mapping_[neighbours[i]];
-      if (m >= 0 && std::find(masks, masks + n_masks, m) == masks + n_masks) masks[n_masks++] = m;
+  void relax() {
+    for (round_ = 0; remaining_ > 0; ++round_) {
+      if (current_.empty()) round_ = first_wake_round_from(round_);  // everyone sleeps: skip idle rounds
+      TORCH_CHECK(round_ < std::numeric_limits<int32_t>::max() - static_cast<int64_t>(limits_.size()),
+                  "dust_fill: more relaxation rounds than supported");
+      TORCH_INTERNAL_ASSERT(round_ < static_cast<int64_t>(wake_at_.size()) || !current_.empty());
+      wake_sleepers();
+      visit_round();
+      std::swap(current_, next_);
     }
-    double d[4];
-    distances(slot, masks, n_masks, d);
-    Waiting& w = waiting_[slot];
-    const double limit = join_threshold * w.patience;
-    double dist = 1000.0;
-    int32_t mask = kNoMatch;
-    for (int k = 0; k < n_masks; ++k) {
-      if (d[k] < limit && d[k] < dist) dist = d[k], mask = masks[k];
-    }
-    if (mask != kNoMatch) return mask;
-    w.sure_until = round + 1;  // unless schedule() finds sure rounds
-    w.remembered = n_masks <= kRemembered ? n_masks : 0;
-    Remembered& r = remembered_[slot];
-    for (int k = 0; k < w.remembered; ++k) {
-      w.mask[k] = masks[k];
-      r.distance[k] = d[k];
-      r.mass_then[k] = masks[k] < M_ ? mass_[masks[k]] : 0.0;
-    }
-    if (w.remembered > 0) schedule(w, r, round, join_threshold, impatience);
-    return kNoMatch;
   }
 
-  // L1 distances from the pixel's normalized probabilities to the normalized statistics of
-  // `masks`, each summed over labels 0..L-1 in order (the sums run side by side). One region,
-  // the common case, has its own loop.
-  void distances(int32_t slot, const int32_t* masks, int n, double* out) {
-    const prob_t* v = probabilities(slot);
-    const double inverse = remembered_[slot].inverse;
-    if (n == 1 && masks[0] < M_) {
-      const double* stats = normalized_stats(masks[0]);
-      double d = 0.0;
-      for (int64_t l = 0; l < L_; ++l) d += std::abs(static_cast<double>(v[l]) * inverse - stats[l]);
-      out[0] = d;
+  int64_t first_wake_round_from(int64_t round) const {
+    while (round < static_cast<int64_t>(wake_at_.size()) && wake_at_[round].empty()) ++round;
+    return round;
+  }
+
+  void wake_sleepers() {
+    if (round_ >= static_cast<int64_t>(wake_at_.size())) return;
+    for (const int32_t pixel : wake_at_[round_]) {
+      if (is_waiting(pixel) && slots_[slot_of(pixel)].next_round == round_) current_.insert(pixel);
+    }
+    std::vector<int32_t>().swap(wake_at_[round_]);
+  }
+
+  // The round's pixels in its order (descending in even rounds), as pixels join and wake others.
+  // While visiting one, the data of the next is on its way.
+  void visit_round() {
+    descending_ = round_ % 2 == 0;
+    int64_t pixel = descending_ ? current_.last_until(HW2_ - 1) : current_.first_from(0);
+    while (pixel >= 0) {
+      current_.erase(pixel);
+      const int64_t next = following(pixel);
+      if (next >= 0) prefetch_slot(next);
+      added_now_ = false;
+      visit(pixel);
+      pixel = added_now_ ? following(pixel) : next;
+    }
+  }
+
+  int64_t following(int64_t pixel) {
+    return descending_ ? current_.last_until(pixel - 1) : current_.first_from(pixel + 1);
+  }
+
+  void prefetch_slot(int64_t pixel) const {
+    if (!is_waiting(pixel)) return;
+    const int32_t slot = slot_of(pixel);
+    __builtin_prefetch(&slots_[slot]);
+    const char* row = reinterpret_cast<const char*>(values(slot));
+    for (int64_t offset = 0; offset < row_bytes_ && offset < 256; offset += 64) __builtin_prefetch(row + offset);
+    __builtin_prefetch(&mapping_[pixel + W2_]);
+    __builtin_prefetch(&mapping_[pixel - W2_]);
+  }
+
+  // Whether `pixel` comes after the pixel being visited in this round's order.
+  bool ahead(int64_t pixel) const { return descending_ ? pixel < cursor_ : pixel > cursor_; }
+
+  void schedule(int64_t pixel, Slot& s, int64_t round) {
+    s.next_round = static_cast<int32_t>(round);
+    if (round == round_) {
+      current_.insert(pixel);
+      added_now_ = true;
+    } else {
+      next_.insert(pixel);
+    }
+  }
+
+  // Its next visit at its next place in the order, if it sleeps until later.
+  void wake(int64_t pixel, Slot& s) {
+    const int64_t earliest = ahead(pixel) ? round_ : round_ + 1;
+    if (s.next_round > earliest) schedule(pixel, s, earliest);
+  }
+
+  void visit(int64_t pixel) {
+    cursor_ = pixel;
+    const int32_t slot = slot_of(pixel);
+    Slot& s = slots_[slot];
+    int32_t masks[4];
+    const int n = bordering_masks(pixel, masks);
+    TORCH_INTERNAL_ASSERT(n > 0, "dust_fill: visited a pixel that borders no mask");
+    double distance[4];
+    const int64_t failures = round_ - s.active_round;
+    const int32_t mask = decide(slot, masks, n, limits_[failures], distance);
+    if (mask == kNoMatch) {
+      sleep(pixel, s, masks, n, distance, failures);
+    } else {
+      join(pixel, slot, mask);
+    }
+  }
+
+  // After a failed visit: the first round whose threshold may pass the closest distance; until
+  // then the pixel sleeps, woken early by a new bordering mask or a region drifting too far.
+  void sleep(int64_t pixel, Slot& s, const int32_t* masks, int n, const double* distance, int64_t failures) {
+    const double reach = *std::min_element(distance, distance + n) - margin_;
+    const int64_t tabulated = static_cast<int64_t>(limits_.size());
+    int64_t wait = failures + 1;
+    while (wait < tabulated && !(limits_[wait] > reach)) ++wait;
+    TORCH_INTERNAL_ASSERT(wait < tabulated, "dust_fill: a distance beyond the tabulated thresholds");
+    const int64_t wake_round = s.active_round + wait;
+    s.next_round = static_cast<int32_t>(wake_round);
+    if (wake_round == round_ + 1) {
+      next_.insert(pixel);
       return;
     }
+    if (static_cast<int64_t>(wake_at_.size()) <= wake_round) wake_at_.resize(wake_round + 1);
+    wake_at_[wake_round].push_back(static_cast<int32_t>(pixel));
+    // The visits until then fail while each region's distance stays above the last threshold.
+    const double last_limit = limits_[wait - 1];
+    for (int k = 0; k < n; ++k) {
+      if (masks[k] >= M_) continue;  // promoted masks never change
+      const double slack = distance[k] - margin_ - last_limit;
+      if (slack >= 2.0) continue;
+      // drift <= 2 (mass - mass_then) / mass <= slack  <=>  mass <= 2 mass_then / (2 - slack)
+      std::vector<DriftWake>& heap = drift_[masks[k]];
+      heap.push_back({2.0 * mass_[masks[k]] / (2.0 - slack), static_cast<int32_t>(pixel), static_cast<int32_t>(wake_round)});
+      std::push_heap(heap.begin(), heap.end(), wakes_later);
+    }
+  }
+
+  void join(int64_t pixel, int32_t slot, int32_t mask) {
+    mapping_[pixel] = mask;
+    --remaining_;
+    if (mask < M_) add_to_region(slot, mask);
+    int64_t neighbours[4];
+    neighbours_of(pixel, neighbours);
+    for (const int64_t q : neighbours) {
+      if (!is_waiting(q)) continue;
+      Slot& s = slots_[slot_of(q)];
+      const int64_t earliest = ahead(q) ? round_ : round_ + 1;
+      if (s.active_round < 0) {
+        s.active_round = static_cast<int32_t>(earliest);
+        schedule(q, s, earliest);
+      } else if (s.next_round > earliest && !borders_besides(q, pixel, mask)) {
+        // It sleeps, and any other neighbour's join since its last visit would have woken it:
+        // it has bordered the masks of its other neighbours since, `mask` may be new.
+        schedule(q, s, earliest);
+      }
+    }
+  }
+
+  // Whether a neighbour of `pixel` other than `except` is in `mask`.
+  bool borders_besides(int64_t pixel, int64_t except, int32_t mask) const {
+    int64_t neighbours[4];
+    neighbours_of(pixel, neighbours);
+    for (const int64_t q : neighbours) {
+      if (q != except && mapping_[q] == mask) return true;
+    }
+    return false;
+  }
+
+  void add_to_region(int32_t slot, int32_t k) {
+    double* s = &stats_[k * L_];
+    const prob_t* v = values(slot);
+    for (int64_t l = 0; l < L_; ++l) s[l] += static_cast<double>(v[l]);
+    mass_[k] += slots_[slot].mass;
+    ++version_[k];
+    std::vector<DriftWake>& heap = drift_[k];
+    while (!heap.empty() && heap.front().mass < mass_[k]) {
+      std::pop_heap(heap.begin(), heap.end(), wakes_later);
+      const DriftWake due = heap.back();
+      heap.pop_back();
+      if (!is_waiting(due.pixel)) continue;
+      Slot& sleeper = slots_[slot_of(due.pixel)];
+      if (sleeper.next_round == due.round) wake(due.pixel, sleeper);
+    }
+  }
+
+  // The mask the pixel joins at this visit, or kNoMatch; `distance` gets the distances to
+  // `masks`, within the float error bound.
+  int32_t decide(int32_t slot, const int32_t* masks, int n, double limit, double* distance) {
+    if (slots_[slot].inverse >= 0.0f) {
+      float_distances(slot, masks, n, distance);
+      const int32_t verdict = sure_verdict(masks, n, limit, distance);
+      if (verdict != kUnsure) return verdict;
+    }
+    exact_distances(slot, masks, n, distance);
+    double closest = 1000.0;
+    int32_t mask = kNoMatch;
+    for (int k = 0; k < n; ++k) {
+      if (distance[k] < limit && distance[k] < closest) closest = distance[k], mask = masks[k];
+    }
+    return mask;
+  }
+
+  // The pseudo-code's choice (the first mask of smallest distance below `limit`) where the float
+  // distances settle it whatever their error: kNoMatch, a mask, or kUnsure.
+  int32_t sure_verdict(const int32_t* masks, int n, double limit, const double* distance) const {
+    const int closest = static_cast<int>(std::min_element(distance, distance + n) - distance);
+    const double d = distance[closest];
+    if (d >= limit + float_error_) return kNoMatch;
+    if (!(d < limit - float_error_)) return kUnsure;
+    for (int k = 0; k < n; ++k) {
+      if (k != closest && !(distance[k] > d + 2.0 * float_error_)) return kUnsure;
+    }
+    return masks[closest];
+  }
+
+  // L1 distances in float from the pixel's normalized probabilities to the normalized statistics
+  // of `masks`, in kLanes lanes. To a promoted mask (one-hot on label l) the distance is
+  // 2 - 2 v[l] / sum(v), or 1 for an all-zero pixel.
+  void float_distances(int32_t slot, const int32_t* masks, int n, double* out) {
+    const prob_t* v = values(slot);
+    const float inverse = slots_[slot].inverse;
+    for (int k = 0; k < n; ++k) {
+      if (masks[k] >= M_) {
+        const float share = static_cast<float>(v[masks[k] - M_]) * inverse;
+        out[k] = inverse > 0.0f ? 2.0 - 2.0 * static_cast<double>(share) : 1.0;
+        continue;
+      }
+      const float* stats = float_normalized(masks[k]);
+      float lane[kLanes] = {};
+      for (int64_t l = 0; l < Lp_; l += kLanes) {
+        for (int64_t j = 0; j < kLanes; ++j) lane[j] += std::abs(static_cast<float>(v[l + j]) * inverse - stats[l + j]);
+      }
+      out[k] = static_cast<double>(((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])));
+    }
+  }
+
+  // Region k's normalized statistics in float, recomputed only after it has grown.
+  const float* float_normalized(int32_t k) {
+    float* out = &float_normalized_[k * Lp_];
+    if (float_version_[k] != version_[k]) {
+      const double* s = &stats_[k * L_];
+      double total = 0.0;
+      for (int64_t l = 0; l < L_; ++l) total += s[l];
+      const double inverse = total > 0.0 ? 1.0 / total : 0.0;
+      for (int64_t l = 0; l < L_; ++l) out[l] = static_cast<float>(s[l] * inverse);
+      float_version_[k] = version_[k];
+    }
+    return out;
+  }
+
+  // The pseudo-code's distances: L1, summed over labels 0..L-1 in order (the sums run side by side).
+  void exact_distances(int32_t slot, const int32_t* masks, int n, double* out) {
+    const prob_t* v = values(slot);
+    double total = 0.0;
+    for (int64_t l = 0; l < L_; ++l) total += static_cast<double>(v[l]);
+    const double inverse = total > 0.0 ? 1.0 / total : 0.0;
     const double* stats[4];
     int64_t hot[4];  // the label of a promoted mask's one-hot statistics, -1 for a region
     for (int k = 0; k < n; ++k) {
       const bool region = masks[k] < M_;
-      stats[k] = region ? normalized_stats(masks[k]) : zeros_.data();
+      if (region) normalize(&stats_[masks[k] * L_], L_, &exact_normalized_[k * L_]);
+      stats[k] = region ? &exact_normalized_[k * L_] : zeros_.data();
       hot[k] = region ? -1 : masks[k] - M_;
       out[k] = 0.0;
     }
@@ -459,97 +761,56 @@ class DustFill {
     }
   }
 
-  // After a failed visit at `round`: the next rounds whose threshold stays below every remembered
-  // distance by kBoundMargin fail too, while each region drifts less than the gap left at the
-  // last of them: sure_until and the wake masses.
-  void schedule(Waiting& w, const Remembered& r, int64_t round, double join_threshold, double impatience) const {
-    const double reach = *std::min_element(r.distance, r.distance + w.remembered) - kBoundMargin;
-    double patience = w.patience, last_limit = 0.0;
-    w.sure_until = round + 1;
-    while (true) {
-      patience *= impatience;  // as the visits will
-      const double limit = join_threshold * patience;
-      if (!(limit <= reach)) break;
-      last_limit = limit;
-      ++w.sure_until;
-    }
-    for (int k = 0; k < w.remembered; ++k) {
-      const double gap = r.distance[k] - kBoundMargin - last_limit;  // >= 0 when a round is sure
-      // drift <= 2 (mass - mass_then) / mass <= gap  <=>  mass <= 2 mass_then / (2 - gap)
-      const bool fixed = w.mask[k] >= M_ || gap >= 2.0;
-      w.wake_mass[k] = fixed ? std::numeric_limits<double>::infinity() : 2.0 * r.mass_then[k] / (2.0 - gap);
-    }
-  }
-
-  void join(int64_t p, int32_t slot, int32_t mask) {
-    mapping_[p] = mask;
-    if (mask >= M_) return;  // promoted masks keep their one-hot statistics
-    double* s = &stats_[mask * L_];
-    const prob_t* v = probabilities(slot);
-    for (int64_t l = 0; l < L_; ++l) s[l] += static_cast<double>(v[l]);
-    mass_[mask] += remembered_[slot].mass;
-    fresh_[mask] = 0;
-  }
-
-  // Normalized statistics of region k, recomputed only after the region has grown.
-  const double* normalized_stats(int32_t k) {
-    double* out = &normalized_[k * L_];
-    if (!fresh_[k]) {
-      normalize(&stats_[k * L_], L_, out);
-      fresh_[k] = 1;
-    }
-    return out;
-  }
-
   const prob_t* probs_;
-  const int64_t L_, H_, W_, HW_;
+  const int32_t* regions_;
+  const int64_t L_, Lp_, H_, W_, HW_;
+  const int64_t W2_, HW2_;  // the framed image
   int64_t M_ = 0;
   int64_t promoted_ = 0;
-  std::vector<int32_t> mapping_;     // mask of each pixel; ~slot of a waiting pixel
-  std::vector<int32_t> unassigned_;  // pixels left unassigned by SEGMENT, in scan order
-  std::unique_ptr<prob_t[]> unassigned_probs_;  // [unassigned pixel][label]; after promotion [slot][label]
-  std::vector<int32_t> best_label_;       // per unassigned pixel: its most probable label (the first)
-  std::vector<double> unassigned_mass_;   // and the sum of its probabilities
-  std::vector<Waiting> waiting_;     // per slot, in scan order
-  std::vector<Remembered> remembered_;
-  std::vector<int32_t> waiting_pixels_;
-  std::vector<double> stats_, normalized_;  // [region][label]
-  std::vector<double> mass_;                // per region: its statistics' sum (bounds their drift)
-  std::vector<uint8_t> fresh_;
-  std::vector<double> zeros_;  // a promoted mask's one-hot statistics, but for its label
-  // A round's streams, kept to reuse their memory.
-  std::vector<int32_t> row_ahead_, failed_, side_behind_, row_behind_, scratch_;
+  int64_t remaining_ = 0;  // waiting pixels not joined yet
+  double float_error_ = 0.0, margin_ = 0.0;
+  std::vector<double> limits_;    // by failed visits
+  std::vector<int32_t> mapping_;  // framed: mask of each pixel; ~slot of a waiting pixel
+  // The read pass: per unassigned pixel of a chunk, its most probable label so far and its
+  // probability; whether all values read are probabilities.
+  std::vector<prob_t> best_;
+  std::vector<label_like_t<prob_t>> label_;
+  const prob_t* block_planes_[kLabelBlock];  // the planes of the block being read
+  bool valid_ = true;
+  // Per waiting pixel (slot), in scan order.
+  std::vector<Slot> slots_;
+  std::unique_ptr<char[], FreeDeleter> values_;  // [slot] its probabilities, rows of row_bytes_
+  int64_t row_bytes_ = 0;
+  // Per region.
+  std::vector<double> stats_;             // [region][label]
+  std::vector<double> mass_;              // statistics' sum (bounds their drift)
+  std::vector<uint32_t> version_;         // counts its joins
+  std::vector<float> float_normalized_;   // [region][Lp], as of float_version_
+  std::vector<uint32_t> float_version_;
+  std::vector<std::vector<DriftWake>> drift_;  // min-heaps on mass
+  std::vector<double> zeros_, exact_normalized_;  // scratch of exact_distances
+  // The schedule.
+  int64_t round_ = 0;
+  bool descending_ = true;
+  int64_t cursor_ = 0;                // the pixel being visited
+  bool added_now_ = false;            // whether its visit added pixels to this round
+  PixelSet current_, next_;           // pixels to visit this round, next round
+  std::vector<std::vector<int32_t>> wake_at_;  // per round: pixels sleeping until then
 };
 
 }  // namespace
 
-// In chunks of pixels small enough that the running maxima stay in L1 while the planes stream by.
-// The inner loop selects with masks as wide as the values (GCC does not vectorize `c ? a : b`).
 template <typename prob_t>
 void argmax_image(const prob_t* probs, int64_t num_labels, int64_t pixels, int64_t* out) {
-  using mask_t = std::conditional_t<sizeof(prob_t) == 4, int32_t, int64_t>;
-  constexpr int64_t kChunk = 512;
-  prob_t best[kChunk];
-  mask_t label[kChunk];
-  mask_t valid = -1;
-  for (int64_t start = 0; start < pixels; start += kChunk) {
-    const int64_t n = std::min(kChunk, pixels - start);
-    std::copy(probs + start, probs + start + n, best);
-    std::fill(label, label + n, 0);
-    for (int64_t l = 0; l < num_labels; ++l) {
-      const prob_t* plane = probs + l * pixels + start;
-      for (int64_t i = 0; i < n; ++i) {
-        const prob_t v = plane[i], b = best[i];
-        const mask_t old = label[i];
-        const mask_t better = -static_cast<mask_t>(v > b);
-        valid &= -static_cast<mask_t>(is_probability(v));
-        best[i] = std::max(b, v);
-        label[i] = (static_cast<mask_t>(l) & better) | (old & ~better);
-      }
-    }
-    std::copy(label, label + n, out + start);
+  prob_t best[kArgmaxPixels];
+  label_like_t<prob_t> label[kArgmaxPixels];
+  bool valid = true;
+  for (int64_t start = 0; start < pixels; start += kArgmaxPixels) {
+    const int64_t end = std::min(pixels, start + kArgmaxPixels);
+    valid &= argmax_pixels(probs, num_labels, pixels, start, end, best, label);
+    std::copy(label, label + (end - start), out + start);
   }
-  check_probabilities(valid != 0);
+  check_probabilities(valid);
 }
 
 template <typename prob_t>
