@@ -70,7 +70,8 @@ def train_command(option: str, run_dir: Path, args: argparse.Namespace) -> list[
     return [sys.executable, "-m", "unet.train", "--preset", "tiny", "--device", "cpu", "--seed", str(args.seed),
             "--epochs", str(args.epochs), "--num-images", str(args.num_images), "--image-size", str(args.image_size),
             "--batch-size", str(SUB_BATCH), "--accum-steps", str(ACCUM_STEPS), *OPTIONS[option],
-            "--output", str(run_dir), "--resume", "auto"]
+            "--output", str(run_dir), "--resume", "auto",
+            "--tune-trials", "0"]  # the comparison scores the network alone: no post-processing to tune
 
 
 def train_and_sample_load(command: list[str]) -> tuple[float, float]:
