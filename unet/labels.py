@@ -1,6 +1,7 @@
 """The 24 labels of DeepFashion-MultiModal and their colour palette: the one place they live."""
 
 import numpy as np
+from PIL import Image
 
 LABELS: tuple[str, ...] = (
     "background",
@@ -62,3 +63,10 @@ PALETTE = np.array(
     dtype=np.uint8,
 )
 assert PALETTE.shape == (NUM_LABELS, 3)
+
+
+def palette_image(labels: np.ndarray) -> Image.Image:
+    """A (H, W) map of label ids as a palette image: pixel value = label id, colours `PALETTE`."""
+    image = Image.fromarray(labels.astype(np.uint8, copy=False), mode="P")
+    image.putpalette(PALETTE.reshape(-1).tolist())
+    return image

@@ -41,7 +41,7 @@ from unet.cli import AMP_DTYPES, number_type, positive_int
 from unet.data import IMAGE_SUFFIXES, load_image
 from unet.distributed import resolve_device
 from unet.inference import POSTPROCESS_METHODS, predict_images
-from unet.labels import PALETTE
+from unet.labels import PALETTE, palette_image
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -70,9 +70,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float) -> np.ndarray:
 
 def save_outputs(output_dir: Path, name: str, image: torch.Tensor, labels: torch.Tensor, regions, alpha: float):
     labels_np = labels.numpy().astype(np.uint8)
-    label_png = Image.fromarray(labels_np, mode="P")
-    label_png.putpalette(PALETTE.reshape(-1).tolist())
-    label_png.save(output_dir / f"{name}_labels.png")
+    palette_image(labels_np).save(output_dir / f"{name}_labels.png")
     rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(overlay(rgb, labels_np, alpha)).save(output_dir / f"{name}_overlay.png")
     region_ids = (np.asarray(regions).astype(np.int64) + 1).clip(0, 65535).astype(np.uint16)

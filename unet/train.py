@@ -233,8 +233,7 @@ def default_threads(workers: int) -> int:
     Oversubscribed intra-op threads mostly wait for each other: on 2 shared cores one thread
     trained 5x faster than two.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - workers)
+    return max(1, distributed.available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - workers)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -568,16 +567,17 @@ def run_training(args: argparse.Namespace, info: distributed.DistInfo) -> TrainR
               f"checkpoints in {output}")
         log.close()
         if args.tune_trials:
-            tune_postprocessing(args, data_config, info.device, output)
+            # The whole validation set behind this process's shard (a Subset of it).
+            tune_postprocessing(args, data_config, val_loader.dataset.dataset, info.device, output)
     return result
 
 
-def tune_postprocessing(args: argparse.Namespace, data_config: dict, device: torch.device, output: Path) -> None:
+def tune_postprocessing(args: argparse.Namespace, data_config: dict, val_ds: torch.utils.data.Dataset,
+                        device: torch.device, output: Path) -> None:
     """Tune the post-processing of the run's best checkpoint on half the validation split (the other
     half held out), write the settings beside it and print one line; a split too small is reported."""
     checkpoint = output / BEST_NAME if (output / BEST_NAME).is_file() else output / LAST_NAME
     model, state = load_model(checkpoint, device)
-    _, val_ds = build_datasets(**dict(data_config, augment=False))
     loader = torch.utils.data.DataLoader(val_ds, batch_size=args.batch_size, num_workers=args.workers)
     try:
         report = tuning.tune(model, loader, device, trials=args.tune_trials, seed=args.seed, holdout=0.5,

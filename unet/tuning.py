@@ -21,7 +21,6 @@ post-processed whole).
 from __future__ import annotations
 
 import math
-import os
 import signal
 import warnings
 from collections.abc import Iterator, Sequence
@@ -36,7 +35,9 @@ import torch.multiprocessing
 from tqdm import tqdm
 
 from unet import postprocess
-from unet.inference import crop, predict_probabilities
+from unet.checks import check_int
+from unet.distributed import available_cpus
+from unet.inference import crop, label_map, predict_probabilities
 from unet.labels import NUM_LABELS
 from unet.metrics import ConfusionMatrix
 from unet.postprocess_config import PostprocessConfig
@@ -50,8 +51,7 @@ def default_processes(trials: int) -> int:
     """Processes for a search of `trials`: one per CPU, at most `MAX_PROCESSES`, each with at least
     `TRIALS_PER_PROCESS` trials; 0 (this process, whose post-processing is parallel over images on
     torch's threads) when that leaves fewer than 2."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    processes = min(cpus, MAX_PROCESSES, trials // TRIALS_PER_PROCESS)
+    processes = min(available_cpus(), MAX_PROCESSES, trials // TRIALS_PER_PROCESS)
     return processes if processes >= 2 else 0
 
 
@@ -89,8 +89,7 @@ SEARCH_SPACE: dict[str, Range] = {
 def sample_configs(trials: int, seed: int = 0) -> list[PostprocessConfig]:
     """`trials` settings: the defaults first, then draws from `SEARCH_SPACE` (and either boundary
     method with equal chance) by a generator seeded with `seed`."""
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials: expected a positive int, got {trials!r}")
+    trials = check_int("trials", trials)
     rng = np.random.default_rng(seed)
     configs = [PostprocessConfig()]
     for _ in range(trials - 1):
@@ -154,11 +153,8 @@ def score(config: PostprocessConfig | None, data: TuningData, interior: int = 0)
     """The confusion matrix of the post-processing with `config` (None: argmax) on `data`."""
     matrix = ConfusionMatrix(NUM_LABELS)
     for start in range(0, len(data), IMAGES_PER_CALL):
-        probs = data.probs[start : start + IMAGES_PER_CALL]
-        if config is None:
-            labels = postprocess.argmax_labels(probs)
-        else:
-            labels = postprocess.postprocess(probs, data.boundary[start : start + IMAGES_PER_CALL], **config.kwargs())
+        labels = label_map("argmax" if config is None else "dust_fill", data.probs[start : start + IMAGES_PER_CALL],
+                           data.boundary[start : start + IMAGES_PER_CALL], postprocess_config=config)
         matrix.update(crop(labels, interior), crop(data.labels[start : start + IMAGES_PER_CALL], interior))
     return matrix
 

@@ -85,7 +85,8 @@ def decode_photo(data: bytes, name: str) -> Photo:
     pixels = np.array(image)  # writable: torch.from_numpy shares it without a warning
     display = io.BytesIO()
     image.save(display, format="JPEG", quality=DISPLAY_QUALITY)
-    fill = border_colour(torch.from_numpy(pixels).permute(2, 0, 1).float().div(255))
+    # The median of the uint8 edge pixels, then to [0, 1]: the whole photo is never made float.
+    fill = border_colour(torch.from_numpy(pixels).permute(2, 0, 1)).float().div(255)
     return Photo(name, pixels, original_size, display.getvalue(), fill)
 
 

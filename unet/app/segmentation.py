@@ -31,7 +31,7 @@ from PIL import Image
 from unet import postprocess
 from unet.app.photos import BadInput, Photo
 from unet.inference import predict_probabilities, resize
-from unet.labels import LABELS, NUM_LABELS, PALETTE
+from unet.labels import LABELS, NUM_LABELS, palette_image
 
 RESULT_MAX_SIDE = 1024
 MAX_EDITS = 10_000
@@ -191,9 +191,7 @@ class Segmentation:
 
     def label_png(self, mask_labels: np.ndarray) -> bytes:
         """The label map as a palette PNG: pixel value = label id (`unet.labels`), colours `PALETTE`."""
-        image = Image.fromarray(self.labels(mask_labels), mode="P")
-        image.putpalette(PALETTE.reshape(-1).tolist())
-        return _png(image)
+        return _png(palette_image(self.labels(mask_labels)))
 
     def region_png(self) -> bytes:
         """The mask ids as a 16-bit greyscale PNG: pixel value = region id (as in the edits)."""
