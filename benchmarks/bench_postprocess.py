@@ -31,6 +31,7 @@ from unet.labels import NUM_LABELS
 SIZE = 512
 SEED = 0
 INPUTS = ("clean", "model", "heavy")
+pytestmark = pytest.mark.usefixtures("one_thread")  # the timings are one thread's (root conftest.py)
 
 
 def _label_map(rng: np.random.Generator, shapes: int) -> np.ndarray:
@@ -93,14 +94,6 @@ def _inputs(kind: str) -> dict[str, np.ndarray]:
     else:
         probs, boundary_prob = _model_like(rng, boundary_bias={"model": -2.0, "heavy": 0.0}[kind])
     return {"probs": probs, "boundary_prob": boundary_prob, "regions": postprocess.boundary_regions(boundary_prob)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=INPUTS)

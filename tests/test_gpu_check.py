@@ -2,7 +2,6 @@
 the script parses (and passes shellcheck where installed), and the table is made from whatever
 results a run left, partial or cut off mid-line."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -10,17 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import bench_localattn_cuda as bench
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-
-
-def bench_module():
-    spec = importlib.util.spec_from_file_location(
-        "bench_localattn_cuda", ROOT / "benchmarks" / "bench_localattn_cuda.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def record(shape, implementation, pass_name, **fields):
@@ -41,7 +33,6 @@ def test_script_usage_error():
 
 
 def test_table_from_partial_results(tmp_path):
-    bench = bench_module()
     shape = "512²x96 b2 D32"
     minimum = bench.minimum_bytes(8, 512, 96, backward=False)
     records = [
@@ -68,5 +59,4 @@ def test_table_from_partial_results(tmp_path):
 
 
 def test_table_of_no_results():
-    bench = bench_module()
     assert "| shape | pass |" in bench.format_table([])

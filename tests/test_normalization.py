@@ -532,15 +532,6 @@ def figures(count, size, seed):
     return images, torch.from_numpy(np.stack(labels))
 
 
-@pytest.fixture
-def one_thread():
-    """The training test below is several times faster on one thread of the 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("extrapolate", [False, True])
 def test_a_trained_model_gives_the_same_answers_in_eval_and_training_mode(extrapolate, one_thread):

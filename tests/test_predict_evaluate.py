@@ -22,15 +22,12 @@ TRAIN_FLAGS = ["--num-images", "8", "--val-fraction", "0.25", "--image-size", "3
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, one_thread):
     """One epoch, then a resumed second epoch: the checkpoint every other test reads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     output = tmp_path_factory.mktemp("run")
     assert train.main([*TRAIN_FLAGS, "--epochs", "1", "--output", str(output)]) == 0
     assert train.main([*TRAIN_FLAGS, "--epochs", "2", "--output", str(output), "--resume", "auto"]) == 0
-    yield output / "last.pt"
-    torch.set_num_threads(threads)
+    return output / "last.pt"
 
 
 def reference_probabilities(model, image):

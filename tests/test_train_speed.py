@@ -4,6 +4,7 @@ the data-loading measurement and the command line (the GPU sizes run in benchmar
 import dataclasses
 import gzip
 import json
+import sys
 
 import pytest
 import torch
@@ -110,17 +111,16 @@ def test_the_local_attention_cases_count_the_local_attention_op():
 
 def test_the_smp_baseline_runs_or_is_skipped_with_a_message(monkeypatch):
     case = tiny("smp-r50-512")
+    result = train_speed.run_case(case, CPU, steps=1, warmup=1)
     try:
         import segmentation_models_pytorch  # noqa: F401
     except ImportError:
-        result = train_speed.run_case(case, CPU, steps=1, warmup=1)
         assert "segmentation_models_pytorch cannot be imported" in result["skipped"]
     else:
-        result = train_speed.run_case(case, CPU, steps=1, warmup=1)
         assert "error" not in result and "skipped" not in result
         assert 30e6 < result["parameters"] < 35e6  # ResNet-50 encoder + UNet decoder
         assert result["flops_per_step"] > 0
-    monkeypatch.setitem(__import__("sys").modules, "segmentation_models_pytorch", None)
+    monkeypatch.setitem(sys.modules, "segmentation_models_pytorch", None)
     skipped = train_speed.run_case(case, CPU, steps=1, warmup=1)
     assert "pip install -e '.[bench]'" in skipped["skipped"] and "ms_per_step" not in skipped
 
