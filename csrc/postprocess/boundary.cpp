@@ -142,6 +142,12 @@ void spread_cross(const uint8_t* in, int64_t height, int64_t width, uint8_t* out
   }
 }
 
+// The documented cap on both closings' iterations, which bounds their work: radii beyond
+// max(height, width) change nothing (the dilation covers the image already).
+int32_t capped_radius(int64_t iterations, int64_t height, int64_t width) {
+  return static_cast<int32_t>(std::min<int64_t>(iterations, std::max(height, width)));
+}
+
 }  // namespace
 
 // Closing = erosion(dilation(boundary)) by the octagon, on a canvas with a margin of
@@ -149,8 +155,7 @@ void spread_cross(const uint8_t* in, int64_t height, int64_t width, uint8_t* out
 // the image as if surrounded by non-boundary pixels forever.
 void close_gaps_image(const bool* boundary, int64_t height, int64_t width, int64_t iterations, bool* out) {
   if (height * width == 0) return;
-  // Documented cap, which bounds the canvas: larger closings fill the image's inside anyway.
-  const int32_t steps = static_cast<int32_t>(std::min<int64_t>(iterations, std::max(height, width)));
+  const int32_t steps = capped_radius(iterations, height, width);  // which bounds the canvas too
   const int64_t margin = steps + 1, canvas_h = height + 2 * margin, canvas_w = width + 2 * margin;
   std::vector<int32_t> canvas(canvas_h * canvas_w, 0);
   for (int64_t y = 0; y < height; ++y) {
@@ -166,11 +171,11 @@ void close_gaps_image(const bool* boundary, int64_t height, int64_t width, int64
 
 // The frame is boundary, so the square dilation covers every pixel outside the image that the
 // diamond erosion of an image pixel reaches: both run on the image alone, the outside counting as
-// dilated. Radii beyond max(height, width) change nothing: the dilation covers the image already.
+// dilated.
 void prepare_boundary_image(const bool* boundary, int64_t height, int64_t width, int64_t iterations, bool* out) {
   const int64_t pixels = height * width;
   if (pixels == 0) return;
-  const int32_t radius = static_cast<int32_t>(std::min<int64_t>(iterations, std::max(height, width)));
+  const int32_t radius = capped_radius(iterations, height, width);
   const int32_t far = radius + 1;
   std::vector<uint8_t> kept(pixels), open(pixels), near_open(pixels), within_two(pixels);
   keep_blocks_and_frame(boundary, height, width, kept.data());

@@ -22,11 +22,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+// std::bit_cast is C++20 and torch before 2.14 builds extensions as C++17; c10's compiles as either.
+#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -87,16 +88,6 @@ constexpr int64_t kGroup = 4;
 // The forward prefetches the query this many pixels ahead.
 constexpr int64_t kPrefetchAhead = 4;
 
-// std::bit_cast is C++20, and torch before 2.14 builds extensions as C++17: the sources must
-// compile as either. A 4-byte memcpy compiles to a register move and still vectorises.
-template <typename To, typename From>
-LOCALATTN_INLINE To bit_cast(const From& from) {
-  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
-  To to;
-  std::memcpy(&to, &from, sizeof(To));
-  return to;
-}
-
 LOCALATTN_INLINE int64_t round_up(int64_t n, int64_t multiple) {
   return (n + multiple - 1) / multiple * multiple;
 }
@@ -154,9 +145,9 @@ LOCALATTN_INLINE void load_scaled(acc_t* dst, const scalar_t* src, acc_t factor,
 // the bits as integers: float compares may trap, which keeps GCC from vectorising the selects.
 LOCALATTN_INLINE float exp_nonpositive(float x) {
   constexpr uint32_t kMinus87 = 0xC2AE0000u;  // bits of -87.0f; larger bits = more negative
-  const uint32_t bits = bit_cast<uint32_t>(x);
+  const uint32_t bits = c10::bit_cast<uint32_t>(x);
   const bool underflow = bits > kMinus87;
-  const float clamped = bit_cast<float>(underflow ? kMinus87 : bits);
+  const float clamped = c10::bit_cast<float>(underflow ? kMinus87 : bits);
   const int32_t n = static_cast<int32_t>(clamped * 1.44269504088896341f - 0.5f);
   const float r = clamped - static_cast<float>(n) * 0.693145751953125f -
       static_cast<float>(n) * 1.42860682030941723e-6f;
@@ -167,8 +158,8 @@ LOCALATTN_INLINE float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float result = p * bit_cast<float>((n + 127) << 23);
-  return bit_cast<float>(bit_cast<uint32_t>(result) & (underflow ? 0u : ~0u));
+  const float result = p * c10::bit_cast<float>((n + 127) << 23);
+  return c10::bit_cast<float>(c10::bit_cast<uint32_t>(result) & (underflow ? 0u : ~0u));
 }
 
 LOCALATTN_INLINE double exp_nonpositive(double x) { return std::exp(x); }
