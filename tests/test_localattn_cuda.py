@@ -362,6 +362,8 @@ def test_opcheck(dtype):
         ("v", lambda args, other_device: args["v"][:, :, :3], ValueError, "shape of q"),
         ("rpb", lambda args, other_device: args["rpb"].to(other_device), ValueError, "device"),
     ],
+    # ids without spaces: benchmarks/gpu_check.sh deselects a test that crashed by its node id
+    ids=("block_size", "rpb_shape", "k_dtype", "v_shape", "rpb_device"),
 )
 def test_bad_inputs_raise_clear_errors(kernels, name, bad, error, message):
     inputs = random_inputs((1, 4, 4, 2, 8), 2, torch.float32, device=kernels.device)
