@@ -54,6 +54,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import localattn
+from benchmarks.bench_localattn_cuda import load_results  # skips a line cut off by a killed run
 from unet import distributed, train
 from unet.cli import autocast, positive_int
 from unet.labels import NUM_LABELS
@@ -544,11 +545,6 @@ def comparisons(rows: list[dict]) -> list[str]:
     return lines
 
 
-def read_results(path: Path) -> list[dict]:
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def append_result(path: Path | None, result: dict) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -605,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             print(case)
         return 0
     if args.summary is not None:
-        print(format_table(read_results(args.summary)))
+        print(format_table(load_results(args.summary)))
         return 0
     try:
         device = distributed.resolve_device(args.device)
