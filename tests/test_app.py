@@ -162,13 +162,6 @@ def test_the_result_covers_the_photo_part_of_the_frame_at_photo_resolution_up_to
 # ----------------------------------------------------------------------------- segmentation
 
 
-@pytest.mark.parametrize("height, width", [(150, 170), (40, 30), (64, 20)])
-def test_probabilities_are_resized_back_as_unet_inference_resizes(height, width):
-    maps = torch.rand(5, 64, 48)
-    torch.testing.assert_close(segmentation._resize_back(maps, height, width), resize(maps, height, width),
-                               atol=2e-5, rtol=0)
-
-
 def test_the_segmentation_is_the_dust_fill_of_the_photo_part_of_the_frame(model):
     photo = decode_photo(encode(figure_photo()), "p.jpg")
     crop = Crop(40, -20, 260)
@@ -177,8 +170,8 @@ def test_the_segmentation_is_the_dust_fill_of_the_photo_part_of_the_frame(model)
     frame, (top, left, bottom, right) = model_input(photo, crop, model.config.image_size)
     probs, boundary = predict_probabilities(model, frame)
     height, width = result.masks.shape
-    probs = segmentation._resize_back(probs[0, :, top:bottom, left:right], height, width)
-    boundary = segmentation._resize_back(boundary[0, :, top:bottom, left:right], height, width)
+    probs = resize(probs[0, :, top:bottom, left:right], height, width)
+    boundary = resize(boundary[0, :, top:bottom, left:right], height, width)
     expected = postprocess.postprocess(probs, boundary).numpy()
     assert np.array_equal(result.labels(), expected)
 

@@ -43,16 +43,23 @@ def test_pad_to_multiple_replicates_the_edge():
     assert inference.pad_to_multiple(images[..., :4, :4], 4).shape == (2, 3, 4, 4)
 
 
-@pytest.mark.parametrize("size", [(13, 7), (40, 50), (20, 20)])
-def test_resize_is_antialiased_bilinear_for_any_leading_dims(size):
+@pytest.mark.parametrize("size, shrinking", [((13, 7), True), ((40, 50), False), ((20, 20), False), ((13, 50), True)])
+def test_resize_is_bilinear_antialiased_when_shrinking_for_any_leading_dims(size, shrinking):
     images = torch.rand(2, 5, 3, 20, 20)
     resized = inference.resize(images, *size)
-    expected = F.interpolate(images.reshape(10, 3, 20, 20), size=size, mode="bilinear", antialias=True)
+    expected = F.interpolate(images.reshape(10, 3, 20, 20), size=size, mode="bilinear", antialias=shrinking)
     assert resized.shape == (2, 5, 3, *size)
     assert torch.equal(resized, expected.reshape(2, 5, 3, *size))
     assert torch.equal(inference.resize(images[0, 0], *size), expected[0])  # a single (C, H, W) image
     assert resized.min() >= -1e-6 and resized.max() <= 1 + 1e-6  # stays in the input's range
     assert inference.resize(images, 20, 20) is images
+
+
+@pytest.mark.parametrize("height, width", [(150, 170), (64, 48), (64, 97)])
+def test_enlarging_without_antialiasing_equals_antialiased(height, width):
+    maps = torch.rand(5, 64, 48)
+    antialiased = F.interpolate(maps[None], size=(height, width), mode="bilinear", antialias=True)[0]
+    torch.testing.assert_close(inference.resize(maps, height, width), antialiased, atol=2e-5, rtol=0)
 
 
 def test_predict_probabilities_pads_and_crops_back(model):
@@ -135,7 +142,7 @@ def test_predict_images_at_max_size_resizes_there_and_back(model):
     [(labels, _)] = inference.predict_images(model, [image], "cpu", method="argmax", max_size=32)
     small = F.interpolate(image[None], size=(26, 32), mode="bilinear", antialias=True)
     probs, _ = padded_by_hand(model, small)
-    probs = F.interpolate(probs, size=(37, 45), mode="bilinear", antialias=True)
+    probs = F.interpolate(probs, size=(37, 45), mode="bilinear")
     assert labels.shape == (37, 45) and torch.equal(labels, probs[0].argmax(0))
 
 

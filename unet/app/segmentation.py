@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from unet import postprocess
@@ -225,8 +224,8 @@ def segment_photo(model, photo: Photo, crop: Crop, device: torch.device) -> Segm
         probs, boundary = predict_probabilities(model, image.to(device))
         timer.lap("network")
         height, width = result_size(y1 - y0, x1 - x0)
-        probs = _resize_back(probs[0, :, top:bottom, left:right], height, width)
-        boundary = _resize_back(boundary[0, :, top:bottom, left:right], height, width)
+        probs = resize(probs[0, :, top:bottom, left:right], height, width).cpu()
+        boundary = resize(boundary[0, :, top:bottom, left:right], height, width).cpu()
         timer.lap("resize")
         _, masks, statistics = postprocess.postprocess(probs, boundary, return_masks=True)
         timer.lap("postprocess")
@@ -251,14 +250,6 @@ class _StepTimer:
         now = time.perf_counter()
         self.laps_ms[name] = round(1000 * (now - self.last), 1)
         self.last = now
-
-
-def _resize_back(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(C, h, w) model-resolution maps at photo resolution, on the CPU. Enlarging, bilinear
-    without antialiasing gives the same values (within 1e-5) as `resize` in about 2/3 of the time."""
-    if height < maps.shape[-2] or width < maps.shape[-1]:
-        return resize(maps, height, width).cpu()
-    return F.interpolate(maps[None], size=(height, width), mode="bilinear", align_corners=False)[0].cpu()
 
 
 def _pooled_shares(masks: np.ndarray, statistics: np.ndarray, probs: np.ndarray, num_regions: int) -> np.ndarray:
