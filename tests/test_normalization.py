@@ -2,7 +2,6 @@
 its step API (accumulation, ranks, checkpointing, resume), and the normalization option of the model."""
 
 import copy
-import socket
 
 import numpy as np
 import pytest
@@ -562,12 +561,6 @@ def test_a_trained_model_gives_the_same_answers_in_eval_and_training_mode(extrap
 
 
 # ----------------------------------------------------------------------------- two processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _exchange_worker(rank, world_size, init_file, results):
