@@ -50,9 +50,14 @@ print("torch", torch.__version__, "cuda", torch.version.cuda,
 torch.ones(1, device="cuda") if torch.cuda.is_available() else None
 maps = open("/proc/self/maps").read().split()
 print("loaded:", sorted({p for p in maps if "libstdc++" in p or "libgcc_s" in p}))
+# A shadow stack (x86 CET) turns a mismatched unwind into a SIGSEGV: is one on, and are the
+# objects marked for it?
+print([l for l in open("/proc/self/status") if l.startswith("x86_Thread_features")])
 for so in glob.glob("localattn/_C*.so"):
     print(so, [l.strip() for l in subprocess.run(["ldd", so], capture_output=True, text=True)
                .stdout.splitlines() if "stdc++" in l or "gcc_s" in l])
+    print([l.strip() for l in subprocess.run(["readelf", "-n", so], capture_output=True, text=True)
+           .stdout.splitlines() if "feature" in l.lower()])
 """
 
 
