@@ -23,20 +23,20 @@ def one_thread():
 
 @pytest.fixture
 def ctrl_c_in_tuning(monkeypatch):
-    """`ctrl_c_in_tuning(n)`: `unet.tuning.score` raises KeyboardInterrupt on its n-th call (the
+    """`ctrl_c_in_tuning(n)`: `unet.tuning.score_folds` raises KeyboardInterrupt on its n-th call (the
     others score as usual); returns the list of the settings it was called with."""
     from unet import tuning  # here, not at the top: every test loads this file, most need no unet._C
 
     def on_call(n: int) -> list:
-        calls, score = [], tuning.score
+        calls, score_folds = [], tuning.score_folds
 
-        def interrupted(config, data, interior=0):
+        def interrupted(config, data, interior=0, folds=None):
             calls.append(config)
             if len(calls) == n:
                 raise KeyboardInterrupt
-            return score(config, data, interior)
+            return score_folds(config, data, interior, folds)
 
-        monkeypatch.setattr(tuning, "score", interrupted)
+        monkeypatch.setattr(tuning, "score_folds", interrupted)
         return calls
 
     return on_call

@@ -622,7 +622,7 @@ def test_thin_and_degenerate_images():
         assert np.array_equal(boundary, reference.boundary_from_labels(labels))
         assert same_partition(postprocess.segment(boundary, 1)[0], reference.segment(boundary, 1)[0])
         probs = rng.dirichlet(np.ones(3), size=shape).transpose(2, 0, 1)
-        assert np.array_equal(postprocess.postprocess(probs, boundary * 1.0, min_size=1), reference.postprocess(probs, boundary * 1.0, 0.5, 5, 1, 0.5, 0.05, 1.5)[0])
+        assert np.array_equal(postprocess.postprocess(probs, boundary * 1.0, min_size=1), reference.postprocess(probs, boundary * 1.0, postprocess.BOUNDARY_THRESHOLD, 5, 1, postprocess.NEW_THRESHOLD, 0.05, 1.5)[0])
     empty = postprocess.segment(np.zeros((0, 4), dtype=bool), 1)
     assert empty[0].shape == (0, 4) and empty[1] == 0
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from unet import postprocess
+from unet import postprocess, postprocess_config
 from unet.postprocess_config import CONFIG_NAME, PostprocessConfig, beside, resolve
 
 TUNED = PostprocessConfig(boundary_threshold=0.35, gap_iterations=2, min_size=4, new_threshold=0.8,
@@ -130,3 +130,10 @@ def test_resolve_reports_a_bad_file_beside_the_checkpoint(tmp_path):
     beside(checkpoint).write_text('{"min_size": -3}')
     with pytest.raises(ValueError, match=f"{CONFIG_NAME}: field 'min_size': expected an integer >= 0, got -3"):
         resolve(None, checkpoint)
+
+
+def test_paper_names_the_papers_settings(tmp_path):
+    config, line = postprocess_config.resolve("paper", tmp_path / "best.pt")
+    assert config == postprocess_config.PAPER_CONFIG and line.endswith("the paper's (--postprocess-config paper)")
+    assert config.to_dict() == {"boundary_threshold": 0.5, "gap_iterations": 5, "min_size": 10, "new_threshold": 0.5,
+                                "join_threshold": 0.05, "impatience": 1.5, "boundary_method": "paper"}

@@ -483,7 +483,8 @@ def test_verbose_prints_the_table_after_every_evaluation(tmp_path, capsys):
 
 
 TUNED_LINE = re.compile(r"post-processing tuned for best\.pt \(3 trials on 1 validation images\): mean IoU on the "
-                        r"1 others: argmax \d\.\d{4}, defaults \d\.\d{4}, tuned \d\.\d{4}; settings in (.+)")
+                        r"1 others: argmax \d\.\d{4}, defaults \d\.\d{4}, tuned \d\.\d{4} \(kept: (?:argmax|defaults)\); "
+                        r"settings in (.+)")
 
 
 def test_a_finished_run_tunes_the_post_processing_of_best_pt(tmp_path, capsys):

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 from unet import inference, postprocess, tuning
 from unet.labels import NUM_LABELS
 from unet.model import build_model
-from unet.postprocess_config import PostprocessConfig
+from unet.postprocess_config import ARGMAX_EQUIVALENT, PostprocessConfig
 from unet.data import SyntheticClothing
 
 
@@ -47,18 +48,19 @@ def direct_count(config, data, interior):
 # ----------------------------------------------------------------------------- the settings drawn
 
 
-def test_sample_configs_starts_with_the_defaults_and_is_seeded():
+def test_sample_configs_starts_with_the_defaults_and_argmax_and_is_seeded():
     configs = tuning.sample_configs(40, seed=3)
-    assert len(configs) == 40 and configs[0] == PostprocessConfig()
+    assert len(configs) == 40 and configs[0] == PostprocessConfig() and configs[1] == ARGMAX_EQUIVALENT
     assert configs == tuning.sample_configs(40, seed=3)
-    assert configs[1:] != tuning.sample_configs(40, seed=4)[1:]
+    assert configs[2:] != tuning.sample_configs(40, seed=4)[2:]
     assert tuning.sample_configs(1) == [PostprocessConfig()]
+    assert tuning.sample_configs(2) == [PostprocessConfig(), ARGMAX_EQUIVALENT]
     with pytest.raises(ValueError, match="trials: expected a positive int, got 0"):
         tuning.sample_configs(0)
 
 
 def test_sampled_settings_stay_in_the_search_space_and_cover_both_boundary_methods():
-    configs = tuning.sample_configs(300, seed=0)[1:]
+    configs = tuning.sample_configs(300, seed=0)[2:]  # after the defaults and ARGMAX_EQUIVALENT
     for name, space in tuning.SEARCH_SPACE.items():
         values = np.array([getattr(config, name) for config in configs])
         offset = 1 if name == "min_size" else 0  # drawn in [1, 101], stored one lower
@@ -103,9 +105,10 @@ def test_search_scores_every_trial_and_its_best_is_the_best(data):
     for trial, config in zip(result.trials, configs):
         assert trial.config == config
         assert np.array_equal(trial.matrix.matrix.numpy(), direct_count(config, data, 1))
-        scores.append(trial.mean_iou)
+        assert trial.objective == (trial.mean_iou + trial.matrix.pixel_accuracy()) / 2
+        scores.append(trial.objective)
     assert len(set(scores)) > 2  # the settings matter on this data, so picking the best means something
-    assert result.best.mean_iou == max(scores) and result.best.index == scores.index(max(scores))
+    assert result.best.objective == max(scores) and result.best.index == scores.index(max(scores))
 
 
 def test_search_is_deterministic_and_ties_go_to_the_earliest_trial(data):
@@ -114,7 +117,7 @@ def test_search_is_deterministic_and_ties_go_to_the_earliest_trial(data):
     second = tuning.search(configs, data, progress=False)
     assert [t.mean_iou for t in first.trials] == [t.mean_iou for t in second.trials]
     repeated = tuning.search([configs[3], configs[3], PostprocessConfig()], data, progress=False)
-    if repeated.trials[0].mean_iou >= repeated.trials[2].mean_iou:
+    if repeated.trials[0].objective >= repeated.trials[2].objective:
         assert repeated.best.index == 0
 
 
@@ -152,7 +155,7 @@ def test_ctrl_c_keeps_the_trials_scored_so_far(data, ctrl_c_in_tuning):
     result = tuning.search(configs, data, progress=False)
     assert result.interrupted and result.planned == 6 and len(calls) == 4
     assert [trial.index for trial in result.trials] == [0, 1, 2]
-    best_of_three = max(range(3), key=lambda i: (score(configs[i], data).mean_iou(), -i))
+    best_of_three = max(range(3), key=lambda i: (tuning.objective(score(configs[i], data)), -i))
     assert result.best.index == best_of_three
 
 
@@ -208,7 +211,8 @@ def test_tune_runs_the_network_once_and_scores_argmax_defaults_and_the_best():
     printed = tuning.format_report(report)
     assert "held-out images (2)" in printed and f"tuned (trial {report.best.index})" in printed
     assert f"{report.matrices['tuning']['argmax'].mean_iou():.4f}" in printed
-    assert tuning.format_trials(report.search.trials).splitlines()[2].split()[0] == str(report.best.index)
+    assert tuning.format_trials(report.search.trials).splitlines()[2].split()[0] == str(report.search.best.index)
+    assert report.best is tuning.select(report.search).trial
 
 
 def test_tune_refuses_a_frame_wider_than_the_images():
@@ -216,3 +220,99 @@ def test_tune_refuses_a_frame_wider_than_the_images():
     loader = torch.utils.data.DataLoader(SyntheticClothing(2, image_size=16, seed=1), batch_size=2)
     with pytest.raises(ValueError, match=r"interior: expected a frame width in \[0, 7\] for 16x16 images, got 8"):
         tuning.tune(model, loader, "cpu", trials=2, interior=8, progress=False)
+
+
+# ----------------------------------------------------------------------------- argmax, folds, selection
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 30), st.integers(1, 12), st.integers(1, 24), st.integers(0, 2**31 - 1),
+       st.sampled_from([np.float32, np.float64]), st.booleans())
+def test_the_argmax_equivalent_settings_give_argmax_labels(batch, height, width, labels, seed, dtype, ties):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, (batch, labels, height, width))
+    probs = np.exp(logits.round() if ties else logits)  # rounded logits: many exact ties
+    probs = (probs / probs.sum(1, keepdims=True)).astype(dtype)
+    boundary = rng.random((batch, 1, height, width)).astype(dtype)
+    got = postprocess.postprocess(probs, boundary, **ARGMAX_EQUIVALENT.kwargs())
+    assert np.array_equal(got, probs.argmax(1))  # NumPy's argmax: the first maximum, as argmax_labels
+
+
+def test_score_folds_counts_each_fold_on_its_own_images(data):
+    folds = torch.tensor([1, 0, 2, 1])
+    counts = tuning.score_folds(PostprocessConfig(), data, 1, folds)
+    assert counts.shape == (3, NUM_LABELS, NUM_LABELS)
+    for fold in range(3):
+        expected = direct_count(PostprocessConfig(), data.subset(torch.nonzero(folds == fold).flatten()), 1)
+        assert np.array_equal(counts[fold].numpy(), expected)
+    assert np.array_equal(tuning.score(None, data, 1).matrix.numpy(), tuning.score_folds(None, data, 1, folds).sum(0).numpy())
+
+
+def test_fold_ids_deal_the_images_round_seeded():
+    ids = tuning.fold_ids(10, seed=2)
+    assert sorted(torch.bincount(ids).tolist()) == [2, 2, 3, 3]
+    assert torch.equal(ids, tuning.fold_ids(10, seed=2)) and not torch.equal(ids, tuning.fold_ids(10, seed=3))
+    assert tuning.fold_ids(3).sort().values.tolist() == [0, 1, 2] and tuning.fold_ids(1).tolist() == [0]
+
+
+def trial(index, config, per_fold):
+    """A Trial with 2-label confusion counts per fold: per_fold[k] = (true 0 as 0, true 0 as 1, true 1 as 0, true 1 as 1)."""
+    counts = torch.zeros(len(per_fold), NUM_LABELS, NUM_LABELS, dtype=torch.int64)
+    for fold, (a, b, c, d) in enumerate(per_fold):
+        counts[fold, :2, :2] = torch.tensor([[a, b], [c, d]])
+    return tuning.Trial(index, config, counts)
+
+
+DRAWN = PostprocessConfig(boundary_threshold=0.3)
+
+
+def slow_cross_validated_mean_iou(trials):
+    pooled = 0
+    for fold in range(trials[0].fold_counts.shape[0]):
+        others = [tuning._confusion(t.fold_counts.sum(0) - t.fold_counts[fold]) for t in trials]
+        scores = [(m.mean_iou() + m.pixel_accuracy()) / 2 for m in others]
+        pooled = pooled + trials[scores.index(max(scores))].fold_counts[fold]  # the first of the best
+    return tuning._confusion(pooled).mean_iou()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(2, 4).flatmap(lambda folds: st.lists(
+    st.lists(st.tuples(*[st.integers(0, 9)] * 4), min_size=folds, max_size=folds), min_size=1, max_size=5)))
+def test_cross_validated_mean_iou_is_the_pooled_score_of_the_best_on_the_other_folds(per_trial):
+    trials = [trial(i, PostprocessConfig(boundary_threshold=0.1 + 0.1 * i), folds) for i, folds in enumerate(per_trial)]
+    expected = slow_cross_validated_mean_iou(trials)
+    got = tuning.cross_validated_mean_iou(trials)
+    assert got == expected or (math.isnan(got) and math.isnan(expected))
+
+
+def test_select_keeps_argmax_when_neither_the_search_nor_the_defaults_beat_it():
+    # Each fold's winner elsewhere is a trial that is poor on that fold: the search, cross-validated,
+    # loses to argmax, though the drawn trials beat it on the tuning images as a whole.
+    result = tuning.SearchResult([trial(0, PostprocessConfig(), [(5, 5, 5, 5)] * 2),
+                                  trial(1, ARGMAX_EQUIVALENT, [(8, 2, 2, 8)] * 2),
+                                  trial(2, DRAWN, [(10, 0, 0, 10), (0, 10, 10, 0)]),
+                                  trial(3, DRAWN, [(0, 10, 10, 0), (10, 0, 0, 10)]),
+                                  trial(4, DRAWN, [(10, 0, 0, 10), (7, 3, 3, 7)])], planned=5)
+    assert result.best.index == 4  # the best on all the tuning images: 34 of 40 right, argmax 32
+    selection = tuning.select(result)
+    assert selection.source == "argmax" and selection.trial.index == 1 and selection.trial.config == ARGMAX_EQUIVALENT
+    assert selection.estimates["search"] < selection.estimates["argmax"]
+
+
+def test_select_keeps_the_defaults_or_the_search_when_they_beat_argmax():
+    argmax = trial(1, ARGMAX_EQUIVALENT, [(6, 4, 4, 6)] * 2)
+    defaults = trial(0, PostprocessConfig(), [(8, 2, 2, 8)] * 2)
+    drawn = trial(2, DRAWN, [(9, 1, 1, 9)] * 2)
+    assert tuning.select(tuning.SearchResult([defaults, argmax], 2)).source == "defaults"
+    selection = tuning.select(tuning.SearchResult([defaults, argmax, drawn], 3))
+    assert selection.source == "search" and selection.trial is drawn
+    assert selection.estimates == {"argmax": argmax.mean_iou, "defaults": defaults.mean_iou, "search": drawn.mean_iou}
+    tie = trial(0, PostprocessConfig(), [(6, 4, 4, 6)] * 2)  # ties go to the simpler: argmax
+    assert tuning.select(tuning.SearchResult([tie, argmax], 2)).source == "argmax"
+
+
+def test_select_without_folds_to_cross_validate_on_keeps_argmax_or_the_defaults():
+    result = tuning.SearchResult([trial(0, PostprocessConfig(), [(7, 3, 3, 7)]),
+                                  trial(1, ARGMAX_EQUIVALENT, [(6, 4, 4, 6)]), trial(2, DRAWN, [(10, 0, 0, 10)])], 3)
+    selection = tuning.select(result)
+    assert selection.source == "defaults" and math.isnan(selection.estimates["search"])

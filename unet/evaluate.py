@@ -12,10 +12,12 @@ is one, else the library's defaults). The table is printed and written to
 ``<output>/evaluation.csv`` and ``<output>/evaluation.json``.
 
 ``--tune`` instead searches the post-processing settings (`unet.tuning`): seeded random trials
-scored on part of the split, argmax, the defaults and the best trial scored on the rest. The best
-settings are written to ``postprocess.json`` beside the checkpoint (``--tune-output``), where
-``unet.predict`` and ``unet.evaluate`` find them, and every trial to ``<output>/tuning.csv``.
-Ctrl-C ends the search early and still writes the best trial so far.
+scored on part of the split, the settings kept (the search's best if it beats argmax and the
+defaults in cross-validation, else the better of those), and argmax, the defaults and the kept
+settings scored on the rest. The kept settings are written to ``postprocess.json`` beside the
+checkpoint (``--tune-output``), where ``unet.predict`` and ``unet.evaluate`` find them, and every
+trial to ``<output>/tuning.csv``. Ctrl-C ends the search early and still writes what it would keep
+of the trials so far.
 """
 
 from __future__ import annotations
@@ -80,8 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
     parser.add_argument("--methods", default=",".join(POSTPROCESS_METHODS), help="comma list of post-processing methods")
     parser.add_argument("--postprocess-config", default=None, metavar="PATH",
-                        help=f"post-processing settings (JSON); '{postprocess_config.DEFAULTS}' for the library's "
-                             f"(default: {postprocess_config.CONFIG_NAME} beside the checkpoint if there is one)")
+                        help=postprocess_config.FLAG_HELP)
     parser.add_argument("--interior", type=non_negative_int, default=0, metavar="N",
                         help="leave a frame N pixels wide out of the scores (default 0: whole images)")
     parser.add_argument("--output", default=None,
@@ -127,7 +128,7 @@ def write_trials(trials: list[tuning.Trial], output_dir: Path) -> Path:
 
 
 def run_tuning(args: argparse.Namespace, model, state: dict, loader, device, output_dir: Path) -> int:
-    """--tune: search, write the best settings (as soon as the search ends), score, report."""
+    """--tune: search, write the kept settings (as soon as the search ends), score, report."""
     report = tuning.tune(model, loader, device, trials=args.trials, seed=args.seed, holdout=args.holdout,
                          interior=args.interior, processes=args.processes, amp=args.amp)
     searched = report.search
@@ -141,7 +142,7 @@ def run_tuning(args: argparse.Namespace, model, state: dict, loader, device, out
     report.best.config.save(settings_path, tuning=report.record(**provenance))
     stopped = " (interrupted)" if searched.interrupted else ""
     print(f"{len(searched.trials)} of {searched.planned} trials scored{stopped} on {len(report.parts['tuning'])} images; "
-          f"the best by mean IoU:")
+          f"the best by the objective (the mean of mean IoU and pixel accuracy):")
     print(tuning.format_trials(searched.trials))
     tuning.score_parts(report)
     report.best.config.save(settings_path, tuning=report.record(**provenance))

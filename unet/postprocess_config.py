@@ -10,9 +10,10 @@ search that found the settings (read by people, ignored by the loader):
     {"boundary_threshold": 0.35, "gap_iterations": 3, "min_size": 10, "new_threshold": 0.5,
      "join_threshold": 0.05, "impatience": 1.5, "boundary_method": "paper", "tuning": {...}}
 
-`resolve` picks the settings a tool runs with: a file named on the command line, else
-``postprocess.json`` beside the checkpoint (where ``python -m unet.evaluate --tune`` writes it),
-else the defaults of `unet.postprocess`.
+`resolve` picks the settings a tool runs with: a file named on the command line (or ``defaults``,
+or ``paper`` for `PAPER`, the paper's settings), else ``postprocess.json`` beside the checkpoint
+(where ``python -m unet.evaluate --tune`` writes it), else the defaults of `unet.postprocess`.
+`ARGMAX` is the setting whose labels are the plain argmax's, the one tuning falls back on.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from unet import postprocess
 
 CONFIG_NAME = "postprocess.json"  # the settings file beside a checkpoint
 DEFAULTS = "defaults"  # --postprocess-config defaults: ignore any file beside the checkpoint
+PAPER = "paper"  # --postprocess-config paper: the paper's settings
+FLAG_HELP = (f"post-processing settings (JSON); '{DEFAULTS}' for the library's, '{PAPER}' for the paper's "
+             f"(default: {CONFIG_NAME} beside the checkpoint if there is one)")
 TUNING_KEY = "tuning"
 
 
@@ -49,7 +53,7 @@ def _number(name: str, value, what: str, accept) -> float:
 class PostprocessConfig:
     """The keyword arguments of `unet.postprocess.postprocess` that shape its result, checked.
 
-    Defaults are the library's (the paper's settings, boundary threshold 0.5).
+    Defaults are the library's (see `unet.postprocess`; `PAPER` holds the paper's settings).
     """
 
     boundary_threshold: float = postprocess.BOUNDARY_THRESHOLD  # boundary where its probability >= this
@@ -120,6 +124,13 @@ class PostprocessConfig:
 
 _FIELDS = frozenset(field.name for field in dataclasses.fields(PostprocessConfig))
 
+PAPER_CONFIG = PostprocessConfig(**postprocess.PAPER_SETTINGS)
+
+# Labels identical to `unet.postprocess.argmax_labels` (tested): no region is kept (min_size above any
+# image's pixel count) and every pixel is promoted (new_threshold 0) to its most probable label (the
+# first on ties, as argmax). No gap closing: it would be wasted work.
+ARGMAX_EQUIVALENT = PostprocessConfig(gap_iterations=0, min_size=2**31 - 1, new_threshold=0.0)
+
 
 def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object in a settings file; ``FileNotFoundError``/``ValueError`` naming the file."""
@@ -145,12 +156,14 @@ def resolve(config_path: str | None, checkpoint: str | os.PathLike,
             global_step: int | None = None) -> tuple[PostprocessConfig, str]:
     """The settings a tool runs with, and one line saying where they come from.
 
-    `config_path`: a settings file, ``"defaults"``, or None for ``postprocess.json`` beside the
-    checkpoint if there is one, else the defaults. With the checkpoint's `global_step`, the line
+    `config_path`: a settings file, ``"defaults"``, ``"paper"`` (the paper's settings), or None for
+    ``postprocess.json`` beside the checkpoint if there is one, else the defaults. With the checkpoint's `global_step`, the line
     warns when the file beside it records tuning on a checkpoint of another step.
     """
     if config_path == DEFAULTS:
         return PostprocessConfig(), "post-processing settings: the defaults (--postprocess-config defaults)"
+    if config_path == PAPER:
+        return PAPER_CONFIG, "post-processing settings: the paper's (--postprocess-config paper)"
     if config_path is not None:
         return PostprocessConfig.load(config_path), f"post-processing settings from {config_path}"
     path = beside(checkpoint)

@@ -84,8 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="predictions", help="folder for the PNGs (default: predictions)")
     parser.add_argument("--postprocess", choices=POSTPROCESS_METHODS, default="dust_fill")
     parser.add_argument("--postprocess-config", default=None, metavar="PATH",
-                        help=f"post-processing settings (JSON); '{postprocess_config.DEFAULTS}' for the library's "
-                             f"(default: {postprocess_config.CONFIG_NAME} beside the checkpoint if there is one)")
+                        help=postprocess_config.FLAG_HELP)
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")

@@ -595,7 +595,7 @@ def tune_postprocessing(args: argparse.Namespace, data_config: dict, val_ds: tor
     print(f"post-processing tuned for {checkpoint.name} ({len(report.search.trials)} trials on "
           f"{len(report.parts['tuning'])} validation images): mean IoU on the {len(report.parts['held_out'])} "
           f"others: argmax {held_out['argmax'].mean_iou():.4f}, defaults {held_out['defaults'].mean_iou():.4f}, "
-          f"tuned {held_out['tuned'].mean_iou():.4f}; settings in {path}")
+          f"tuned {held_out['tuned'].mean_iou():.4f} (kept: {report.selection.source}); settings in {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
