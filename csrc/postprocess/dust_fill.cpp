@@ -268,10 +268,9 @@ class DustFill {
     exact_normalized_.resize(4 * L_);
     mapping_.assign(HW2_, kOutside);
     // Rows of a cache line's multiple, not zeroed: every value used is written.
-    row_bytes_ = (Lp_ * static_cast<int64_t>(sizeof(prob_t)) + 63) / 64 * 64;
-    values_.reset(static_cast<char*>(std::aligned_alloc(64, std::max<int64_t>(unassigned, 1) * row_bytes_)));
-    TORCH_CHECK(values_, "dust_fill: out of memory for ", unassigned, " unassigned pixels");
-    slots_.reserve(unassigned);
+    stride_ = sizeof(Slot) + (Lp_ * static_cast<int64_t>(sizeof(prob_t)) + 63) / 64 * 64;
+    slots_.reset(static_cast<char*>(std::aligned_alloc(64, std::max<int64_t>(unassigned, 1) * stride_)));
+    TORCH_CHECK(slots_, "dust_fill: out of memory for ", unassigned, " unassigned pixels");
     float_error_ = float_distance_error(L_, Lp_);
     margin_ = 2.0 * float_error_;
     sketched_ = L_ <= kSketchLabels;
@@ -285,7 +284,7 @@ class DustFill {
   // Algorithm 4 would not terminate.
   bool run(const double* new_threshold, double join_threshold, double impatience) {
     read_probabilities(new_threshold);
-    remaining_ = static_cast<int64_t>(slots_.size());
+    remaining_ = waiting_;
     if (remaining_ == 0) return true;
     if (M_ == 0 && promoted_ == 0) return false;
     tabulate_limits(join_threshold, impatience);
@@ -371,7 +370,7 @@ class DustFill {
   template <int64_t n>
   void read_block(int64_t begin, int64_t end, int64_t first_label) {
     for (int64_t j = 0; j < n; ++j) block_planes_[j] = probs_ + (first_label + j) * HW_;
-    const int32_t first_row = static_cast<int32_t>(slots_.size());
+    const int32_t first_row = static_cast<int32_t>(waiting_);
     int64_t u = 0;  // the chunk's unassigned pixels so far
     for (int64_t p = begin; p < end;) {
       const int32_t k = regions_[p];
@@ -414,7 +413,7 @@ class DustFill {
 #if defined(__SSE2__)
     if constexpr (std::is_same_v<prob_t, float> && n == 8) {
       const int64_t done = copy_run_sse(block_planes_, p, stop, first_label, values(first_row + static_cast<int32_t>(u)) + first_label,
-                                        row_bytes_ / 4, best_.data() + u, label_.data() + u, valid_);
+                                        stride_ / 4, best_.data() + u, label_.data() + u, valid_);
       u += done - p;
       p = done;
     }
@@ -441,7 +440,7 @@ class DustFill {
   // unassigned pixels whose most probable label reaches its threshold are promoted, the others
   // wait, their copies moved up to the waiting ones' rows.
   void settle_unassigned(int64_t first_row, int64_t end, const double* new_threshold) {
-    const int32_t first_copy = static_cast<int32_t>(slots_.size());
+    const int32_t first_copy = static_cast<int32_t>(waiting_);
     int64_t u = 0;
     for (int64_t p = first_row * W_, y = first_row; p < end; ++y) {
       int32_t* row = &mapping_[(y + 1) * W2_ + 1];
@@ -458,13 +457,14 @@ class DustFill {
           row[x] = static_cast<int32_t>(M_ + label_[u]);
           ++promoted_;
         } else {
-          const int32_t slot = static_cast<int32_t>(slots_.size());
+          const int32_t slot = static_cast<int32_t>(waiting_++);
           row[x] = ~slot;
           prob_t* copy = values(slot);
           if (read != copy) std::copy(read, read + Lp_, copy);
           const bool floats_will_do = mass == 0.0 || (mass >= kMinFloatMass && mass <= kMaxFloatMass);
           const float inverse = !floats_will_do ? -1.0f : mass > 0.0 ? static_cast<float>(1.0 / mass) : 0.0f;
-          Slot& s = slots_.emplace_back();
+          Slot& s = slot_at(slot);
+          s = Slot{};
           s.mass = mass;
           s.pixel = static_cast<int32_t>((y + 1) * W2_ + 1 + x);
           s.active_round = -1;
@@ -518,7 +518,10 @@ class DustFill {
 
   bool is_waiting(int64_t pixel) const { return mapping_[pixel] < 0; }
   int32_t slot_of(int64_t pixel) const { return ~mapping_[pixel]; }
-  prob_t* values(int32_t slot) const { return reinterpret_cast<prob_t*>(values_.get() + slot * row_bytes_); }
+  Slot& slot_at(int32_t slot) const { return *reinterpret_cast<Slot*>(slots_.get() + slot * stride_); }
+  prob_t* values(int32_t slot) const {
+    return reinterpret_cast<prob_t*>(slots_.get() + slot * stride_ + static_cast<int64_t>(sizeof(Slot)));
+  }
 
   // The 4-neighbours in the pseudo-code's order (y+1,x), (y-1,x), (y,x+1), (y,x-1).
   void neighbours_of(int64_t pixel, int64_t* out) const {
@@ -551,9 +554,10 @@ class DustFill {
   }
 
   // Round 0 would visit the waiting pixels that border a mask from the start: each is planned
-  // from the sketch bounds of its distances (its rows and slots are read in order).
+  // from the sketch bounds of its distances (the slots are read in order).
   void activate_bordering_pixels() {
-    for (Slot& s : slots_) {
+    for (int32_t slot = 0; slot < waiting_; ++slot) {
+      Slot& s = slot_at(slot);
       int32_t masks[4];
       const int n = bordering_masks(s.pixel, masks);
       if (n == 0) continue;
@@ -585,7 +589,7 @@ class DustFill {
   void wake_sleepers() {
     if (round_ >= static_cast<int64_t>(wake_at_.size())) return;
     for (const int32_t pixel : wake_at_[round_]) {
-      if (is_waiting(pixel) && slots_[slot_of(pixel)].next_round == round_) current_.insert(pixel);
+      if (is_waiting(pixel) && slot_at(slot_of(pixel)).next_round == round_) current_.insert(pixel);
     }
     std::vector<int32_t>().swap(wake_at_[round_]);
   }
@@ -601,7 +605,7 @@ class DustFill {
       const int64_t next = following(pixel);
       if (next >= 0) prefetch_slot(next);
       added_now_ = false;
-      if (is_waiting(pixel) && slots_[slot_of(pixel)].next_round == round_) visit(pixel);
+      if (is_waiting(pixel) && slot_at(slot_of(pixel)).next_round == round_) visit(pixel);
       pixel = added_now_ ? following(pixel) : next;
     }
   }
@@ -613,9 +617,8 @@ class DustFill {
   void prefetch_slot(int64_t pixel) const {
     if (!is_waiting(pixel)) return;
     const int32_t slot = slot_of(pixel);
-    __builtin_prefetch(&slots_[slot]);
-    const char* row = reinterpret_cast<const char*>(values(slot));
-    for (int64_t offset = 0; offset < row_bytes_ && offset < 256; offset += 64) __builtin_prefetch(row + offset);
+    const char* at = reinterpret_cast<const char*>(&slot_at(slot));
+    for (int64_t offset = 0; offset < stride_ && offset < 256; offset += 64) __builtin_prefetch(at + offset);
     __builtin_prefetch(&mapping_[pixel + W2_]);
     __builtin_prefetch(&mapping_[pixel - W2_]);
   }
@@ -675,7 +678,7 @@ class DustFill {
     ++visits_;
     cursor_ = pixel;
     const int32_t slot = slot_of(pixel);
-    Slot& s = slots_[slot];
+    Slot& s = slot_at(slot);
     int32_t masks[4];
     const int n = bordering_masks(pixel, masks);
     TORCH_INTERNAL_ASSERT(n > 0, "dust_fill: visited a pixel that borders no mask");
@@ -700,7 +703,7 @@ class DustFill {
     neighbours_of(pixel, neighbours);
     for (const int64_t q : neighbours) {
       if (!is_waiting(q)) continue;
-      Slot& s = slots_[slot_of(q)];
+      Slot& s = slot_at(slot_of(q));
       const int64_t first = earliest(q);
       if (s.active_round < 0) {
         // Its first visit bordering a mask: `mask` is the only one.
@@ -740,7 +743,7 @@ class DustFill {
     double* s = &stats_[k * L_];
     const prob_t* v = values(slot);
     for (int64_t l = 0; l < L_; ++l) s[l] += static_cast<double>(v[l]);
-    const double added = slots_[slot].mass, total = mass_[k] + added;
+    const double added = slot_at(slot).mass, total = mass_[k] + added;
     if (total > 0.0) path_[k] += added / total * (distance + float_error_) * kPathRoom;
     mass_[k] = total;
     ++version_[k];
@@ -750,7 +753,7 @@ class DustFill {
       const DriftWake due = heap.back();
       heap.pop_back();
       if (!is_waiting(due.pixel)) continue;
-      Slot& sleeper = slots_[slot_of(due.pixel)];
+      Slot& sleeper = slot_at(slot_of(due.pixel));
       if (sleeper.plan != due.plan) continue;
       const int64_t first = earliest(due.pixel);
       if (sleeper.next_round <= first) continue;  // visited next anyway
@@ -797,7 +800,7 @@ class DustFill {
   // Which of `masks` the pixel joins at this visit (its index), or kNoMatch; `distance` gets the
   // distances to `masks`, within the float error bound.
   int decide(int32_t slot, const int32_t* masks, int n, double limit, double* distance) {
-    if (slots_[slot].inverse >= 0.0f) {
+    if (slot_at(slot).inverse >= 0.0f) {
       float_distances(slot, masks, n, distance);
       const int verdict = sure_verdict(n, limit, distance);
       if (verdict != kUnsure) return verdict;
@@ -829,7 +832,7 @@ class DustFill {
   // 2 - 2 v[l] / sum(v), or 1 for an all-zero pixel.
   void float_distances(int32_t slot, const int32_t* masks, int n, double* out) {
     const prob_t* v = values(slot);
-    const float inverse = slots_[slot].inverse;
+    const float inverse = slot_at(slot).inverse;
     for (int k = 0; k < n; ++k) {
       if (masks[k] >= M_) {
         const float share = static_cast<float>(v[masks[k] - M_]) * inverse;
@@ -896,10 +899,11 @@ class DustFill {
   std::vector<label_like_t<prob_t>> label_;
   const prob_t* block_planes_[kLabelBlock];  // the planes of the block being read
   bool valid_ = true;
-  // Per waiting pixel (slot), in scan order.
-  std::vector<Slot> slots_;
-  std::unique_ptr<char[], FreeDeleter> values_;  // [slot] its probabilities, rows of row_bytes_
-  int64_t row_bytes_ = 0;
+  // Per waiting pixel (slot), in scan order: its Slot, then its probabilities (padded with
+  // zeros to Lp), in strides of whole cache lines: the data of a visit is in one place.
+  std::unique_ptr<char[], FreeDeleter> slots_;
+  int64_t stride_ = 0;
+  int64_t waiting_ = 0;
   // Per region.
   std::vector<double> stats_;             // [region][label]
   std::vector<double> mass_;              // statistics' sum (bounds their drift)
