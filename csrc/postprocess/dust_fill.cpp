@@ -12,7 +12,7 @@
 // the L2 cache: the argmax of every pixel (vectorized over pixels, plane by plane; it also
 // validates every value), each region's sums per label (runs of a region along a row keep the
 // sums in registers; each sum still adds its pixels in scan order), and the unassigned pixels:
-// promoted, or copied pixel by pixel for the relaxation ("waiting").
+// promoted, or copied pixel by pixel, and sketched, for the relaxation ("waiting").
 //
 // The relaxation. The pseudo-code's stack holds the waiting pixels in scan order; a round pops
 // them all and pushes those that stay onto the swap buffer, the next round's stack: so even
@@ -21,21 +21,26 @@
 // something only where the pixel borders a mask, and then it borders one at every later visit:
 // so from its first such visit (its activation round a) a pixel fails at every round until it
 // joins, and its patience at round r is impatience^(r - a), multiplied up one round at a time.
-// We visit a pixel only where it may join. After a failed visit, its closest distance tells the
-// first round whose threshold may pass it, and the pixel sleeps until then unless something
-// moves its distances first: a mask it did not border comes to border it (a neighbour joins
-// one), or a bordering region's normalized statistics drift further than the slack left (adding
-// mass s to mass T moves them at most 2s/(T+s) in L1, so a region's mass bounds the drift; each
-// region keeps the masses at which its sleepers must wake in a heap). A woken pixel is visited
-// at its next place in the pseudo-code's order: later in this round if it comes after the pixel
-// being visited, else next round. The pixels of a round are a bitset scanned in the round's
-// order, so a pixel put in ahead of the scan is met in order. Every visit of the pseudo-code
+// We visit a pixel only where it may join, and plan its visits from lower bounds of its
+// distances: a pixel is planned for the first round whose threshold may pass the closest bound,
+// and sleeps until then unless a bound drops first. Bounds come from its last visit's distances,
+// or, without reading its probabilities, from its sketch (a byte per label in its slot, which
+// bounds its normalized probabilities): at its activation, and when a neighbour's join makes it
+// border a mask it did not border. They drop as a bordering region's normalized statistics
+// drift: a pixel of mass s that joins at distance d moves the statistics of a region of mass T
+// by s d / (T + s) in L1, and each region keeps the sum of its moves (its path) and, in a heap,
+// the paths at which the bounds of its sleepers reach the threshold they were planned past.
+// There the sleeper is re-planned from its remaining bound. A pixel planned for a round is
+// visited at its place in the pseudo-code's order: the pixels of a round are a bitset scanned
+// in the round's order, so one planned ahead of the scan (during the round) is met in order;
+// one whose place this round is passed is planned for the next. Every visit of the pseudo-code
 // that could join a pixel is made, in its order, on its state, so the joins and the statistics
 // are the pseudo-code's. Visits jump around the image, so the scan prefetches the next one's data.
 //
 // Distances are first computed in float, with a bound on their error; only a decision that the
 // bound leaves open (a distance that close to the threshold, or two masks that close) is taken
-// from the exact double distances, computed as the pseudo-code does.
+// from the exact double distances, computed as the pseudo-code does. Planning takes the bounds
+// with twice that error (a sketch's, four times), and the paths with room for it.
 //
 // Pixels are indexed in the image framed by one pixel on each side (kOutside), so that the four
 // neighbours of every pixel exist; the frame keeps scan order.
