@@ -226,7 +226,7 @@ using label_like_t = std::conditional_t<sizeof(prob_t) == 4, int32_t, int64_t>;
 constexpr int64_t kSketchLabels = 36;
 constexpr int kSketchSteps = 255;
 
-// What the relaxation keeps of a waiting pixel (slot), one cache line; its probabilities are apart.
+// What the relaxation keeps of a waiting pixel (slot), one cache line; its probabilities follow.
 struct alignas(64) Slot {
   double mass;           // the sum of its probabilities, near enough for bounds
   int32_t pixel;         // in the framed image
@@ -272,7 +272,7 @@ class DustFill {
     zeros_.assign(L_, 0.0);
     exact_normalized_.resize(4 * L_);
     mapping_.assign(HW2_, kOutside);
-    // Rows of a cache line's multiple, not zeroed: every value used is written.
+    // Slots and rows of a cache line's multiple, not zeroed: every value used is written.
     stride_ = sizeof(Slot) + (Lp_ * static_cast<int64_t>(sizeof(prob_t)) + 63) / 64 * 64;
     slots_.reset(static_cast<char*>(std::aligned_alloc(64, std::max<int64_t>(unassigned, 1) * stride_)));
     TORCH_CHECK(slots_, "dust_fill: out of memory for ", unassigned, " unassigned pixels");
@@ -316,9 +316,9 @@ class DustFill {
     for (int64_t y = 0; y < H_; ++y) std::copy_n(&mapping_[(y + 1) * W2_ + 1], W_, out + y * W_);
   }
 
-  // [M + L, L]: the regions' statistics, then the promoted masks' one-hot rows.
   int64_t visits() const { return visits_; }
 
+  // [M + L, L]: the regions' statistics, then the promoted masks' one-hot rows.
   void write_statistics(double* out) const {
     std::copy(stats_.begin(), stats_.end(), out);
     write_one_hot_rows(L_, out + M_ * L_);
@@ -469,13 +469,7 @@ class DustFill {
           const bool floats_will_do = mass == 0.0 || (mass >= kMinFloatMass && mass <= kMaxFloatMass);
           const float inverse = !floats_will_do ? -1.0f : mass > 0.0 ? static_cast<float>(1.0 / mass) : 0.0f;
           Slot& s = slot_at(slot);
-          s = Slot{};
-          s.mass = mass;
-          s.pixel = static_cast<int32_t>((y + 1) * W2_ + 1 + x);
-          s.active_round = -1;
-          s.next_round = 0;
-          s.plan = 0;
-          s.inverse = inverse;
+          s = Slot{mass, static_cast<int32_t>((y + 1) * W2_ + 1 + x), -1, 0, 0, inverse, {}};
           if (sketched_ && inverse >= 0.0f) sketch(copy, inverse, s.sketch);
         }
         ++u;
@@ -600,8 +594,8 @@ class DustFill {
   }
 
   // The round's pixels in its order (descending in even rounds), as pixels join and wake others.
-  // A pixel planned for a later round since it was put in the set is passed over. While visiting
-  // one, the data of the next is on its way.
+  // A pixel that has joined, or been planned for another round, since it was put in the set is
+  // passed over. While visiting one, the data of the next is on its way.
   void visit_round() {
     descending_ = round_ % 2 == 0;
     int64_t pixel = descending_ ? current_.last_until(HW2_ - 1) : current_.first_from(0);
