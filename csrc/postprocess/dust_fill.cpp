@@ -12,7 +12,7 @@
 // the L2 cache: the argmax of every pixel (vectorized over pixels, plane by plane; it also
 // validates every value), each region's sums per label (runs of a region along a row keep the
 // sums in registers; each sum still adds its pixels in scan order), and the unassigned pixels:
-// promoted, or copied pixel by pixel for the relaxation ("waiting").
+// promoted, or copied pixel by pixel, and sketched, for the relaxation ("waiting").
 //
 // The relaxation. The pseudo-code's stack holds the waiting pixels in scan order; a round pops
 // them all and pushes those that stay onto the swap buffer, the next round's stack: so even
@@ -21,21 +21,26 @@
 // something only where the pixel borders a mask, and then it borders one at every later visit:
 // so from its first such visit (its activation round a) a pixel fails at every round until it
 // joins, and its patience at round r is impatience^(r - a), multiplied up one round at a time.
-// We visit a pixel only where it may join. After a failed visit, its closest distance tells the
-// first round whose threshold may pass it, and the pixel sleeps until then unless something
-// moves its distances first: a mask it did not border comes to border it (a neighbour joins
-// one), or a bordering region's normalized statistics drift further than the slack left (adding
-// mass s to mass T moves them at most 2s/(T+s) in L1, so a region's mass bounds the drift; each
-// region keeps the masses at which its sleepers must wake in a heap). A woken pixel is visited
-// at its next place in the pseudo-code's order: later in this round if it comes after the pixel
-// being visited, else next round. The pixels of a round are a bitset scanned in the round's
-// order, so a pixel put in ahead of the scan is met in order. Every visit of the pseudo-code
+// We visit a pixel only where it may join, and plan its visits from lower bounds of its
+// distances: a pixel is planned for the first round whose threshold may pass the closest bound,
+// and sleeps until then unless a bound drops first. Bounds come from its last visit's distances,
+// or, without reading its probabilities, from its sketch (a byte per label in its slot, which
+// bounds its normalized probabilities): at its activation, and when a neighbour's join makes it
+// border a mask it did not border. They drop as a bordering region's normalized statistics
+// drift: a pixel of mass s that joins at distance d moves the statistics of a region of mass T
+// by s d / (T + s) in L1, and each region keeps the sum of its moves (its path) and, in a heap,
+// the paths at which the bounds of its sleepers reach the threshold they were planned past.
+// There the sleeper is re-planned from its remaining bound. A pixel planned for a round is
+// visited at its place in the pseudo-code's order: the pixels of a round are a bitset scanned
+// in the round's order, so one planned ahead of the scan (during the round) is met in order;
+// one whose place this round is passed is planned for the next. Every visit of the pseudo-code
 // that could join a pixel is made, in its order, on its state, so the joins and the statistics
 // are the pseudo-code's. Visits jump around the image, so the scan prefetches the next one's data.
 //
 // Distances are first computed in float, with a bound on their error; only a decision that the
 // bound leaves open (a distance that close to the threshold, or two masks that close) is taken
-// from the exact double distances, computed as the pseudo-code does.
+// from the exact double distances, computed as the pseudo-code does. Planning takes the bounds
+// with twice that error (a sketch's, four times), and the paths with room for it.
 //
 // Pixels are indexed in the image framed by one pixel on each side (kOutside), so that the four
 // neighbours of every pixel exist; the frame keeps scan order.
@@ -45,6 +50,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -57,8 +63,8 @@
 namespace unet_postprocess {
 namespace {
 
-constexpr int32_t kNoMatch = -1;  // bordering masks, none close enough
-constexpr int32_t kUnsure = -2;   // the float distances leave the decision open
+constexpr int kNoMatch = -1;  // bordering masks, none close enough
+constexpr int kUnsure = -2;   // the float distances leave the decision open
 constexpr int32_t kOutside = std::numeric_limits<int32_t>::max();  // the frame's mapping
 
 // Float sums run in this many lanes; copies of probabilities and normalized statistics are
@@ -81,6 +87,9 @@ constexpr double kMinFloatMass = 1e-30, kMaxFloatMass = 1e30;
 // The thresholds are tabulated until they pass this, beyond any distance between two normalized
 // vectors (at most 2): a pixel that borders a mask joins by then.
 constexpr double kFarthest = 4.0;
+
+// A region's path grows by its moves, scaled by this for the error of the masses' float sums.
+constexpr double kPathRoom = 1.0 + 0x1p-16;
 
 // A bound on |float distance - exact distance|. A float normalized value is off by at most
 // (Lp / 8 + 5) float roundings (the lane sum of the pixel's mass, its reciprocal, the product;
@@ -211,24 +220,35 @@ int64_t copy_run_sse(const float* const* planes, int64_t p, int64_t stop, int64_
 template <typename prob_t>
 using label_like_t = std::conditional_t<sizeof(prob_t) == 4, int32_t, int64_t>;
 
-// What the relaxation keeps of a waiting pixel (slot); its probabilities are apart.
-struct Slot {
+// A waiting pixel's normalized probabilities u are sketched in a byte per label, q = floor(255
+// sqrt(u)), where L <= kSketchLabels: enough to bound its distances to a mask from below without
+// reading its probabilities (the bound is within a few hundredths of the distance).
+constexpr int64_t kSketchLabels = 36;
+constexpr int kSketchSteps = 255;
+
+// What the relaxation keeps of a waiting pixel (slot), one cache line; its probabilities follow.
+struct alignas(64) Slot {
+  double mass;           // the sum of its probabilities, near enough for bounds
   int32_t pixel;         // in the framed image
   int32_t active_round;  // its first visit bordering a mask; -1 before
   int32_t next_round;    // its next visit, once active
+  uint32_t plan;         // counts its failed visits: tells its drift wakes still due
   float inverse;         // 1 / its mass (float), 0 for zeros; -1: exact distances only
-  double mass;           // the sum of its probabilities, near enough for bounds
+  uint8_t sketch[kSketchLabels];
 };
+static_assert(sizeof(Slot) == 64, "a slot is one cache line");
 
-// A sleeping pixel to wake when its region's mass passes `mass`, unless it woke since (its
-// next visit is no longer `round`).
+// A sleeping pixel to reconsider when its region's path (the L1 length its normalized statistics
+// have moved along) passes `path`, unless it has been visited since (its plan is no longer
+// `plan`). Its distance to the region is at least `reach` minus the path by then.
 struct DriftWake {
-  double mass;
+  double path;
+  double reach;
   int32_t pixel;
-  int32_t round;
+  uint32_t plan;
 };
 
-bool wakes_later(const DriftWake& a, const DriftWake& b) { return a.mass > b.mass; }
+bool wakes_later(const DriftWake& a, const DriftWake& b) { return a.path > b.path; }
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
@@ -247,24 +267,29 @@ class DustFill {
     version_.assign(M_, 1);
     float_version_.assign(M_, 0);
     mass_.assign(M_, 0.0);
+    path_.assign(M_, 0.0);
     drift_.resize(M_);
     zeros_.assign(L_, 0.0);
     exact_normalized_.resize(4 * L_);
     mapping_.assign(HW2_, kOutside);
-    // Rows of a cache line's multiple, not zeroed: every value used is written.
-    row_bytes_ = (Lp_ * static_cast<int64_t>(sizeof(prob_t)) + 63) / 64 * 64;
-    values_.reset(static_cast<char*>(std::aligned_alloc(64, std::max<int64_t>(unassigned, 1) * row_bytes_)));
-    TORCH_CHECK(values_, "dust_fill: out of memory for ", unassigned, " unassigned pixels");
-    slots_.reserve(unassigned);
+    // Slots and rows of a cache line's multiple, not zeroed: every value used is written.
+    stride_ = sizeof(Slot) + (Lp_ * static_cast<int64_t>(sizeof(prob_t)) + 63) / 64 * 64;
+    slots_.reset(static_cast<char*>(std::aligned_alloc(64, std::max<int64_t>(unassigned, 1) * stride_)));
+    TORCH_CHECK(slots_, "dust_fill: out of memory for ", unassigned, " unassigned pixels");
     float_error_ = float_distance_error(L_, Lp_);
     margin_ = 2.0 * float_error_;
+    sketched_ = L_ <= kSketchLabels;
+    if (sketched_) {
+      one_hot_.assign(L_ * Lp_, 0.0f);
+      for (int64_t l = 0; l < L_; ++l) one_hot_[l * Lp_ + l] = 1.0f;
+    }
   }
 
   // Returns false when nothing is mapped after promotion: no pixel could ever border a mask and
   // Algorithm 4 would not terminate.
   bool run(const double* new_threshold, double join_threshold, double impatience) {
     read_probabilities(new_threshold);
-    remaining_ = static_cast<int64_t>(slots_.size());
+    remaining_ = waiting_;
     if (remaining_ == 0) return true;
     if (M_ == 0 && promoted_ == 0) return false;
     tabulate_limits(join_threshold, impatience);
@@ -290,6 +315,8 @@ class DustFill {
   void write_masks(int32_t* out) const {
     for (int64_t y = 0; y < H_; ++y) std::copy_n(&mapping_[(y + 1) * W2_ + 1], W_, out + y * W_);
   }
+
+  int64_t visits() const { return visits_; }
 
   // [M + L, L]: the regions' statistics, then the promoted masks' one-hot rows.
   void write_statistics(double* out) const {
@@ -348,7 +375,7 @@ class DustFill {
   template <int64_t n>
   void read_block(int64_t begin, int64_t end, int64_t first_label) {
     for (int64_t j = 0; j < n; ++j) block_planes_[j] = probs_ + (first_label + j) * HW_;
-    const int32_t first_row = static_cast<int32_t>(slots_.size());
+    const int32_t first_row = static_cast<int32_t>(waiting_);
     int64_t u = 0;  // the chunk's unassigned pixels so far
     for (int64_t p = begin; p < end;) {
       const int32_t k = regions_[p];
@@ -391,7 +418,7 @@ class DustFill {
 #if defined(__SSE2__)
     if constexpr (std::is_same_v<prob_t, float> && n == 8) {
       const int64_t done = copy_run_sse(block_planes_, p, stop, first_label, values(first_row + static_cast<int32_t>(u)) + first_label,
-                                        row_bytes_ / 4, best_.data() + u, label_.data() + u, valid_);
+                                        stride_ / 4, best_.data() + u, label_.data() + u, valid_);
       u += done - p;
       p = done;
     }
@@ -418,7 +445,7 @@ class DustFill {
   // unassigned pixels whose most probable label reaches its threshold are promoted, the others
   // wait, their copies moved up to the waiting ones' rows.
   void settle_unassigned(int64_t first_row, int64_t end, const double* new_threshold) {
-    const int32_t first_copy = static_cast<int32_t>(slots_.size());
+    const int32_t first_copy = static_cast<int32_t>(waiting_);
     int64_t u = 0;
     for (int64_t p = first_row * W_, y = first_row; p < end; ++y) {
       int32_t* row = &mapping_[(y + 1) * W2_ + 1];
@@ -435,37 +462,65 @@ class DustFill {
           row[x] = static_cast<int32_t>(M_ + label_[u]);
           ++promoted_;
         } else {
-          const int32_t slot = static_cast<int32_t>(slots_.size());
+          const int32_t slot = static_cast<int32_t>(waiting_++);
           row[x] = ~slot;
           prob_t* copy = values(slot);
           if (read != copy) std::copy(read, read + Lp_, copy);
           const bool floats_will_do = mass == 0.0 || (mass >= kMinFloatMass && mass <= kMaxFloatMass);
           const float inverse = !floats_will_do ? -1.0f : mass > 0.0 ? static_cast<float>(1.0 / mass) : 0.0f;
-          slots_.push_back({static_cast<int32_t>((y + 1) * W2_ + 1 + x), -1, 0, inverse, mass});
+          Slot& s = slot_at(slot);
+          s = Slot{mass, static_cast<int32_t>((y + 1) * W2_ + 1 + x), -1, 0, 0, inverse, {}};
+          if (sketched_ && inverse >= 0.0f) sketch(copy, inverse, s.sketch);
         }
         ++u;
       }
     }
   }
 
-  // The sum of a padded copy, in float lanes where it stays finite (near enough for bounds).
+  // The sum of a padded copy, in float lanes where their sum is in the range of float distances
+  // (near enough for bounds), else in double (so that only a zero pixel sums to zero).
   double mass_of(const prob_t* copy) const {
     float lane[kLanes] = {};
     for (int64_t l = 0; l < Lp_; l += kLanes) {
       for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<float>(copy[l + j]);
     }
     const float mass = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-    if (std::isfinite(mass)) return mass;
+    if (mass >= kMinFloatMass && mass <= kMaxFloatMass) return mass;
     double total = 0.0;
     for (int64_t l = 0; l < L_; ++l) total += static_cast<double>(copy[l]);
     return total;
+  }
+
+  // The sketch of a waiting pixel's copy: floor(255 sqrt(u)) of its normalized probabilities u,
+  // computed as float_distances computes them.
+  void sketch(const prob_t* copy, float inverse, uint8_t* out) const {
+    int64_t l = 0;
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<prob_t, float>) {
+      const __m128 scale = _mm_set1_ps(static_cast<float>(kSketchSteps)), inverse4 = _mm_set1_ps(inverse);
+      for (; l + 4 <= L_; l += 4) {
+        const __m128 root = _mm_sqrt_ps(_mm_mul_ps(_mm_loadu_ps(copy + l), inverse4));
+        const __m128i q = _mm_cvttps_epi32(_mm_mul_ps(root, scale));
+        const __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(q, q), _mm_setzero_si128());
+        const int32_t four = _mm_cvtsi128_si32(bytes);
+        std::memcpy(out + l, &four, 4);
+      }
+    }
+#endif
+    for (; l < L_; ++l) {
+      const float root = std::sqrt(static_cast<float>(copy[l]) * inverse);
+      out[l] = static_cast<uint8_t>(std::min(static_cast<float>(kSketchSteps), root * static_cast<float>(kSketchSteps)));
+    }
   }
 
   // ------------------------------------------------------------------------- the relaxation
 
   bool is_waiting(int64_t pixel) const { return mapping_[pixel] < 0; }
   int32_t slot_of(int64_t pixel) const { return ~mapping_[pixel]; }
-  prob_t* values(int32_t slot) const { return reinterpret_cast<prob_t*>(values_.get() + slot * row_bytes_); }
+  Slot& slot_at(int32_t slot) const { return *reinterpret_cast<Slot*>(slots_.get() + slot * stride_); }
+  prob_t* values(int32_t slot) const {
+    return reinterpret_cast<prob_t*>(slots_.get() + slot * stride_ + static_cast<int64_t>(sizeof(Slot)));
+  }
 
   // The 4-neighbours in the pseudo-code's order (y+1,x), (y-1,x), (y,x+1), (y,x-1).
   void neighbours_of(int64_t pixel, int64_t* out) const {
@@ -497,23 +552,28 @@ class DustFill {
     }
   }
 
-  // Round 0 visits the waiting pixels that border a mask from the start.
+  // Round 0 would visit the waiting pixels that border a mask from the start: each is planned
+  // from the sketch bounds of its distances (the slots are read in order).
   void activate_bordering_pixels() {
-    for (Slot& s : slots_) {
+    for (int32_t slot = 0; slot < waiting_; ++slot) {
+      Slot& s = slot_at(slot);
       int32_t masks[4];
-      if (bordering_masks(s.pixel, masks) > 0) {
-        s.active_round = 0;
-        schedule(s.pixel, s, 0);
-      }
+      const int n = bordering_masks(s.pixel, masks);
+      if (n == 0) continue;
+      s.active_round = 0;
+      double reach[4];
+      for (int k = 0; k < n; ++k) reach[k] = sketch_reach(s, masks[k]);
+      plan_from(s.pixel, s, 0, masks, n, reach);
     }
   }
 
   void relax() {
     for (round_ = 0; remaining_ > 0; ++round_) {
-      if (current_.empty()) round_ = first_wake_round_from(round_);  // everyone sleeps: skip idle rounds
+      // Everyone sleeps past the next round: skip the idle rounds.
+      if (current_.empty() && next_.empty()) round_ = first_wake_round_from(round_);
       TORCH_CHECK(round_ < std::numeric_limits<int32_t>::max() - static_cast<int64_t>(limits_.size()),
                   "dust_fill: more relaxation rounds than supported");
-      TORCH_INTERNAL_ASSERT(round_ < static_cast<int64_t>(wake_at_.size()) || !current_.empty());
+      TORCH_INTERNAL_ASSERT(round_ < static_cast<int64_t>(wake_at_.size()) || !current_.empty() || !next_.empty());
       wake_sleepers();
       visit_round();
       std::swap(current_, next_);
@@ -528,13 +588,14 @@ class DustFill {
   void wake_sleepers() {
     if (round_ >= static_cast<int64_t>(wake_at_.size())) return;
     for (const int32_t pixel : wake_at_[round_]) {
-      if (is_waiting(pixel) && slots_[slot_of(pixel)].next_round == round_) current_.insert(pixel);
+      if (is_waiting(pixel) && slot_at(slot_of(pixel)).next_round == round_) current_.insert(pixel);
     }
     std::vector<int32_t>().swap(wake_at_[round_]);
   }
 
   // The round's pixels in its order (descending in even rounds), as pixels join and wake others.
-  // While visiting one, the data of the next is on its way.
+  // A pixel that has joined, or been planned for another round, since it was put in the set is
+  // passed over. While visiting one, the data of the next is on its way.
   void visit_round() {
     descending_ = round_ % 2 == 0;
     int64_t pixel = descending_ ? current_.last_until(HW2_ - 1) : current_.first_from(0);
@@ -543,7 +604,7 @@ class DustFill {
       const int64_t next = following(pixel);
       if (next >= 0) prefetch_slot(next);
       added_now_ = false;
-      visit(pixel);
+      if (is_waiting(pixel) && slot_at(slot_of(pixel)).next_round == round_) visit(pixel);
       pixel = added_now_ ? following(pixel) : next;
     }
   }
@@ -555,9 +616,8 @@ class DustFill {
   void prefetch_slot(int64_t pixel) const {
     if (!is_waiting(pixel)) return;
     const int32_t slot = slot_of(pixel);
-    __builtin_prefetch(&slots_[slot]);
-    const char* row = reinterpret_cast<const char*>(values(slot));
-    for (int64_t offset = 0; offset < row_bytes_ && offset < 256; offset += 64) __builtin_prefetch(row + offset);
+    const char* at = reinterpret_cast<const char*>(&slot_at(slot));
+    for (int64_t offset = 0; offset < stride_ && offset < 256; offset += 64) __builtin_prefetch(at + offset);
     __builtin_prefetch(&mapping_[pixel + W2_]);
     __builtin_prefetch(&mapping_[pixel - W2_]);
   }
@@ -565,87 +625,104 @@ class DustFill {
   // Whether `pixel` comes after the pixel being visited in this round's order.
   bool ahead(int64_t pixel) const { return descending_ ? pixel < cursor_ : pixel > cursor_; }
 
-  void schedule(int64_t pixel, Slot& s, int64_t round) {
+  // The first round the pixel can be visited at from now: its next place in the order.
+  int64_t earliest(int64_t pixel) const { return ahead(pixel) ? round_ : round_ + 1; }
+
+  // Its next visit at `round` (this one, the next, or later).
+  void plan(int64_t pixel, Slot& s, int64_t round) {
     s.next_round = static_cast<int32_t>(round);
     if (round == round_) {
       current_.insert(pixel);
       added_now_ = true;
-    } else {
+    } else if (round == round_ + 1) {
       next_.insert(pixel);
+    } else {
+      if (static_cast<int64_t>(wake_at_.size()) <= round) wake_at_.resize(round + 1);
+      wake_at_[round].push_back(static_cast<int32_t>(pixel));
     }
   }
 
-  // Its next visit at its next place in the order, if it sleeps until later.
-  void wake(int64_t pixel, Slot& s) {
-    const int64_t earliest = ahead(pixel) ? round_ : round_ + 1;
-    if (s.next_round > earliest) schedule(pixel, s, earliest);
+  // The first round from `from` on whose threshold may pass a distance of at least `reach`.
+  int64_t first_passing_round(const Slot& s, int64_t from, double reach) const {
+    const int64_t tabulated = static_cast<int64_t>(limits_.size());
+    int64_t wait = from - s.active_round;
+    while (wait < tabulated && !(limits_[wait] > reach)) ++wait;
+    TORCH_INTERNAL_ASSERT(wait < tabulated, "dust_fill: a distance beyond the tabulated thresholds");
+    return s.active_round + wait;
+  }
+
+  // Plans the pixel's next visit, from round `from` on, where its distances to `masks` are at
+  // least `reach` (lower bounds, margins taken): at `from` if a threshold then may pass one,
+  // else at the first round whose threshold may, and the regions' drift may bring that forward.
+  void plan_from(int64_t pixel, Slot& s, int64_t from, const int32_t* masks, int n, const double* reach) {
+    const int64_t round = first_passing_round(s, from, *std::min_element(reach, reach + n));
+    plan(pixel, s, round);
+    if (round == from) return;
+    for (int k = 0; k < n; ++k) guard(pixel, s, masks[k], reach[k], round);
+  }
+
+  // Until its visit at `round`, the pixel fails as long as its distance to mask k, at least
+  // `reach` now, stays above the threshold of the round before: it is reconsidered when region
+  // k's path has grown by the difference.
+  void guard(int64_t pixel, const Slot& s, int32_t k, double reach, int64_t round) {
+    if (k >= M_) return;  // promoted masks never change
+    const double slack = reach - limits_[round - 1 - s.active_round];
+    if (slack >= 2.0) return;  // beyond any move of a normalized vector
+    std::vector<DriftWake>& heap = drift_[k];
+    heap.push_back({path_[k] + slack, reach + path_[k], static_cast<int32_t>(pixel), s.plan});
+    std::push_heap(heap.begin(), heap.end(), wakes_later);
   }
 
   void visit(int64_t pixel) {
+    ++visits_;
     cursor_ = pixel;
     const int32_t slot = slot_of(pixel);
-    Slot& s = slots_[slot];
+    Slot& s = slot_at(slot);
     int32_t masks[4];
     const int n = bordering_masks(pixel, masks);
     TORCH_INTERNAL_ASSERT(n > 0, "dust_fill: visited a pixel that borders no mask");
     double distance[4];
-    const int64_t failures = round_ - s.active_round;
-    const int32_t mask = decide(slot, masks, n, limits_[failures], distance);
-    if (mask == kNoMatch) {
-      sleep(pixel, s, masks, n, distance, failures);
-    } else {
-      join(pixel, slot, mask);
-    }
-  }
-
-  // After a failed visit: the first round whose threshold may pass the closest distance; until
-  // then the pixel sleeps, woken early by a new bordering mask or a region drifting too far.
-  void sleep(int64_t pixel, Slot& s, const int32_t* masks, int n, const double* distance, int64_t failures) {
-    const double reach = *std::min_element(distance, distance + n) - margin_;
-    const int64_t tabulated = static_cast<int64_t>(limits_.size());
-    int64_t wait = failures + 1;
-    while (wait < tabulated && !(limits_[wait] > reach)) ++wait;
-    TORCH_INTERNAL_ASSERT(wait < tabulated, "dust_fill: a distance beyond the tabulated thresholds");
-    const int64_t wake_round = s.active_round + wait;
-    s.next_round = static_cast<int32_t>(wake_round);
-    if (wake_round == round_ + 1) {
-      next_.insert(pixel);
+    const int32_t chosen = decide(slot, masks, n, limits_[round_ - s.active_round], distance);
+    if (chosen >= 0) {
+      join(pixel, slot, masks[chosen], distance[chosen]);
       return;
     }
-    if (static_cast<int64_t>(wake_at_.size()) <= wake_round) wake_at_.resize(wake_round + 1);
-    wake_at_[wake_round].push_back(static_cast<int32_t>(pixel));
-    // The visits until then fail while each region's distance stays above the last threshold.
-    const double last_limit = limits_[wait - 1];
-    for (int k = 0; k < n; ++k) {
-      if (masks[k] >= M_) continue;  // promoted masks never change
-      const double slack = distance[k] - margin_ - last_limit;
-      if (slack >= 2.0) continue;
-      // drift <= 2 (mass - mass_then) / mass <= slack  <=>  mass <= 2 mass_then / (2 - slack)
-      std::vector<DriftWake>& heap = drift_[masks[k]];
-      heap.push_back({2.0 * mass_[masks[k]] / (2.0 - slack), static_cast<int32_t>(pixel), static_cast<int32_t>(wake_round)});
-      std::push_heap(heap.begin(), heap.end(), wakes_later);
-    }
+    // Failed: the drift wakes of its last plan are void, its distances known again.
+    ++s.plan;
+    for (int k = 0; k < n; ++k) distance[k] -= margin_;
+    plan_from(pixel, s, round_ + 1, masks, n, distance);
   }
 
-  void join(int64_t pixel, int32_t slot, int32_t mask) {
+  // `distance`: the pixel's to `mask`, within the float error bound.
+  void join(int64_t pixel, int32_t slot, int32_t mask, double distance) {
     mapping_[pixel] = mask;
     --remaining_;
-    if (mask < M_) add_to_region(slot, mask);
+    if (mask < M_) add_to_region(slot, mask, distance);
     int64_t neighbours[4];
     neighbours_of(pixel, neighbours);
     for (const int64_t q : neighbours) {
       if (!is_waiting(q)) continue;
-      Slot& s = slots_[slot_of(q)];
-      const int64_t earliest = ahead(q) ? round_ : round_ + 1;
+      Slot& s = slot_at(slot_of(q));
+      const int64_t first = earliest(q);
       if (s.active_round < 0) {
-        s.active_round = static_cast<int32_t>(earliest);
-        schedule(q, s, earliest);
-      } else if (s.next_round > earliest && !borders_besides(q, pixel, mask)) {
-        // It sleeps, and any other neighbour's join since its last visit would have woken it:
-        // it has bordered the masks of its other neighbours since, `mask` may be new.
-        schedule(q, s, earliest);
+        // Its first visit bordering a mask: `mask` is the only one.
+        s.active_round = static_cast<int32_t>(first);
+        const double reach = sketch_reach(s, mask);
+        plan_from(q, s, first, &mask, 1, &reach);
+      } else if (s.next_round > first && !borders_besides(q, pixel, mask)) {
+        // It sleeps, and has bordered the masks of its other neighbours since its plan (a join
+        // into any of them would have come here): `mask` may be new.
+        reconsider(q, s, first, mask, sketch_reach(s, mask));
       }
     }
+  }
+
+  // A sleeping pixel whose distance to mask k is at least `reach` now: its visit comes forward
+  // if a threshold from round `first` on may pass that, and k is guarded until its visit.
+  void reconsider(int64_t pixel, Slot& s, int64_t first, int32_t k, double reach) {
+    const int64_t round = first_passing_round(s, first, reach);
+    if (round < s.next_round) plan(pixel, s, round);
+    if (s.next_round > first) guard(pixel, s, k, reach, s.next_round);
   }
 
   // Whether a neighbour of `pixel` other than `except` is in `mask`.
@@ -658,43 +735,87 @@ class DustFill {
     return false;
   }
 
-  void add_to_region(int32_t slot, int32_t k) {
+  // Adding mass s at distance d to a region of mass T moves its normalized statistics by
+  // s d / (T + s) in L1 (they move towards the pixel's): the region's path grows by that, with
+  // room for the error of d and of the masses. Sleepers guarded against that path are reconsidered.
+  void add_to_region(int32_t slot, int32_t k, double distance) {
     double* s = &stats_[k * L_];
     const prob_t* v = values(slot);
     for (int64_t l = 0; l < L_; ++l) s[l] += static_cast<double>(v[l]);
-    mass_[k] += slots_[slot].mass;
+    const double added = slot_at(slot).mass, total = mass_[k] + added;
+    if (total > 0.0) path_[k] += added / total * (distance + float_error_) * kPathRoom;
+    mass_[k] = total;
     ++version_[k];
     std::vector<DriftWake>& heap = drift_[k];
-    while (!heap.empty() && heap.front().mass < mass_[k]) {
+    while (!heap.empty() && heap.front().path < path_[k]) {
       std::pop_heap(heap.begin(), heap.end(), wakes_later);
       const DriftWake due = heap.back();
       heap.pop_back();
       if (!is_waiting(due.pixel)) continue;
-      Slot& sleeper = slots_[slot_of(due.pixel)];
-      if (sleeper.next_round == due.round) wake(due.pixel, sleeper);
+      Slot& sleeper = slot_at(slot_of(due.pixel));
+      if (sleeper.plan != due.plan) continue;
+      const int64_t first = earliest(due.pixel);
+      if (sleeper.next_round <= first) continue;  // visited next anyway
+      reconsider(due.pixel, sleeper, first, k, due.reach - path_[k]);
     }
   }
 
-  // The mask the pixel joins at this visit, or kNoMatch; `distance` gets the distances to
-  // `masks`, within the float error bound.
-  int32_t decide(int32_t slot, const int32_t* masks, int n, double limit, double* distance) {
-    if (slots_[slot].inverse >= 0.0f) {
+  // A lower bound of the distance from the slot's pixel to the mask's normalized statistics,
+  // margin taken, from its sketch (0 where it has none). A sketch byte q stands for values in
+  // [q^2, (q+1)^2] / 255^2, widened for the float error of its computation.
+  double sketch_reach(const Slot& s, int32_t mask) {
+    if (!sketched_ || s.inverse < 0.0f) return 0.0;
+    const float* stats = mask < M_ ? float_normalized(mask) : &one_hot_[(mask - M_) * Lp_];
+    constexpr float kStep = 1.0f / (kSketchSteps * kSketchSteps);
+    constexpr float kLow = kStep * (1.0f - 0x1p-16f), kHigh = kStep * (1.0f + 0x1p-16f), kTiny = 0x1p-40f;
+    float sum;
+#if defined(__SSE2__)
+    // Four labels at a time, up to L rounded up to 4 (the sketch and the statistics are 0 beyond L).
+    __m128 acc = _mm_setzero_ps();
+    for (int64_t l = 0; l < L_; l += 4) {
+      int32_t four;
+      std::memcpy(&four, s.sketch + l, 4);
+      const __m128i bytes = _mm_cvtsi32_si128(four), zero = _mm_setzero_si128();
+      const __m128 q = _mm_cvtepi32_ps(_mm_unpacklo_epi16(_mm_unpacklo_epi8(bytes, zero), zero));
+      const __m128 q1 = _mm_add_ps(q, _mm_set1_ps(1.0f)), v = _mm_loadu_ps(stats + l);
+      const __m128 low = _mm_mul_ps(_mm_mul_ps(q, q), _mm_set1_ps(kLow));
+      const __m128 high = _mm_add_ps(_mm_mul_ps(_mm_mul_ps(q1, q1), _mm_set1_ps(kHigh)), _mm_set1_ps(kTiny));
+      const __m128 outside = _mm_max_ps(_mm_sub_ps(low, v), _mm_sub_ps(v, high));
+      acc = _mm_add_ps(acc, _mm_max_ps(outside, _mm_setzero_ps()));
+    }
+    float lane[4];
+    _mm_storeu_ps(lane, acc);
+    sum = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+#else
+    sum = 0.0f;
+    for (int64_t l = 0; l < L_; ++l) {
+      const float q = s.sketch[l], low = q * q * kLow, high = (q + 1.0f) * (q + 1.0f) * kHigh + kTiny;
+      sum += std::max(std::max(low - stats[l], stats[l] - high), 0.0f);
+    }
+#endif
+    return static_cast<double>(sum) - 2.0 * margin_;
+  }
+
+  // Which of `masks` the pixel joins at this visit (its index), or kNoMatch; `distance` gets the
+  // distances to `masks`, within the float error bound.
+  int decide(int32_t slot, const int32_t* masks, int n, double limit, double* distance) {
+    if (slot_at(slot).inverse >= 0.0f) {
       float_distances(slot, masks, n, distance);
-      const int32_t verdict = sure_verdict(masks, n, limit, distance);
+      const int verdict = sure_verdict(n, limit, distance);
       if (verdict != kUnsure) return verdict;
     }
     exact_distances(slot, masks, n, distance);
     double closest = 1000.0;
-    int32_t mask = kNoMatch;
+    int chosen = kNoMatch;
     for (int k = 0; k < n; ++k) {
-      if (distance[k] < limit && distance[k] < closest) closest = distance[k], mask = masks[k];
+      if (distance[k] < limit && distance[k] < closest) closest = distance[k], chosen = k;
     }
-    return mask;
+    return chosen;
   }
 
   // The pseudo-code's choice (the first mask of smallest distance below `limit`) where the float
-  // distances settle it whatever their error: kNoMatch, a mask, or kUnsure.
-  int32_t sure_verdict(const int32_t* masks, int n, double limit, const double* distance) const {
+  // distances settle it whatever their error: kNoMatch, its index, or kUnsure.
+  int sure_verdict(int n, double limit, const double* distance) const {
     const int closest = static_cast<int>(std::min_element(distance, distance + n) - distance);
     const double d = distance[closest];
     if (d >= limit + float_error_) return kNoMatch;
@@ -702,7 +823,7 @@ class DustFill {
     for (int k = 0; k < n; ++k) {
       if (k != closest && !(distance[k] > d + 2.0 * float_error_)) return kUnsure;
     }
-    return masks[closest];
+    return closest;
   }
 
   // L1 distances in float from the pixel's normalized probabilities to the normalized statistics
@@ -710,7 +831,7 @@ class DustFill {
   // 2 - 2 v[l] / sum(v), or 1 for an all-zero pixel.
   void float_distances(int32_t slot, const int32_t* masks, int n, double* out) {
     const prob_t* v = values(slot);
-    const float inverse = slots_[slot].inverse;
+    const float inverse = slot_at(slot).inverse;
     for (int k = 0; k < n; ++k) {
       if (masks[k] >= M_) {
         const float share = static_cast<float>(v[masks[k] - M_]) * inverse;
@@ -777,17 +898,19 @@ class DustFill {
   std::vector<label_like_t<prob_t>> label_;
   const prob_t* block_planes_[kLabelBlock];  // the planes of the block being read
   bool valid_ = true;
-  // Per waiting pixel (slot), in scan order.
-  std::vector<Slot> slots_;
-  std::unique_ptr<char[], FreeDeleter> values_;  // [slot] its probabilities, rows of row_bytes_
-  int64_t row_bytes_ = 0;
+  // Per waiting pixel (slot), in scan order: its Slot, then its probabilities (padded with
+  // zeros to Lp), in strides of whole cache lines: the data of a visit is in one place.
+  std::unique_ptr<char[], FreeDeleter> slots_;
+  int64_t stride_ = 0;
+  int64_t waiting_ = 0;
   // Per region.
   std::vector<double> stats_;             // [region][label]
   std::vector<double> mass_;              // statistics' sum (bounds their drift)
   std::vector<uint32_t> version_;         // counts its joins
   std::vector<float> float_normalized_;   // [region][Lp], as of float_version_
   std::vector<uint32_t> float_version_;
-  std::vector<std::vector<DriftWake>> drift_;  // min-heaps on mass
+  std::vector<double> path_;              // the L1 length its normalized statistics have moved, at most
+  std::vector<std::vector<DriftWake>> drift_;  // min-heaps on path
   std::vector<double> zeros_, exact_normalized_;  // scratch of exact_distances
   // The schedule.
   int64_t round_ = 0;
@@ -796,6 +919,9 @@ class DustFill {
   bool added_now_ = false;            // whether its visit added pixels to this round
   PixelSet current_, next_;           // pixels to visit this round, next round
   std::vector<std::vector<int32_t>> wake_at_;  // per round: pixels sleeping until then
+  bool sketched_ = false;                      // whether the slots have sketches
+  std::vector<float> one_hot_;                 // [label][Lp]: the promoted masks' normalized statistics
+  int64_t visits_ = 0;                         // pixels visited (their distances computed to decide)
 };
 
 }  // namespace
@@ -821,12 +947,14 @@ void dust_fill_image(const prob_t* probs, const int32_t* regions, int64_t num_la
     fill.write_labels(out.labels);
     if (out.masks) fill.write_masks(out.masks);
     if (out.statistics) fill.write_statistics(out.statistics);
+    if (out.visits) *out.visits = fill.visits();
     return;
   }
   // No region (M = 0): every pixel goes to its argmax label's promoted mask, whose id is the label.
   argmax_image(probs, num_labels, height * width, out.labels);
   if (out.masks) std::copy(out.labels, out.labels + height * width, out.masks);
   if (out.statistics) write_one_hot_rows(num_labels, out.statistics);
+  if (out.visits) *out.visits = 0;
 }
 
 template void argmax_image<float>(const float*, int64_t, int64_t, int64_t*);

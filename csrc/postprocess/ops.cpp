@@ -189,14 +189,16 @@ std::vector<int64_t> region_counts(const at::Tensor& regions) {
 }
 
 // DUST_FILL over the batch: the labels, and with `with_masks` each pixel's final mask and each
-// image's (M + L, L) statistics (float64; both empty otherwise).
+// image's (M + L, L) statistics (float64; both empty otherwise). `visits`, when not null, gets
+// each image's count of relaxation visits (int64 (B,)).
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> run_dust_fill(
     const at::Tensor& probs,
     const at::Tensor& regions,
     const at::Tensor& new_threshold,
     double join_threshold,
     double impatience,
-    bool with_masks) {
+    bool with_masks,
+    at::Tensor* visits = nullptr) {
   check_probs(probs);
   check_image_map(regions, "regions", probs);
   check_dtype(regions, "regions", {at::kInt});
@@ -214,6 +216,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> run_dust_fill(
       statistics.push_back(at::empty({M + L, L}, p.options().dtype(at::kDouble)));
     }
   }
+  if (visits) *visits = at::empty({B}, p.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "dust_fill", [&] {
     const scalar_t* src = p.const_data_ptr<scalar_t>();
     const int32_t* reg = r.const_data_ptr<int32_t>();
@@ -223,6 +226,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> run_dust_fill(
         out.masks = masks.data_ptr<int32_t>() + b * H * W;
         out.statistics = statistics[b].data_ptr<double>();
       }
+      if (visits) out.visits = visits->data_ptr<int64_t>() + b;
       dust_fill_image(src + b * L * H * W, reg + b * H * W, L, H, W, thresholds.const_data_ptr<double>(),
                       join_threshold, impatience, out);
     });
@@ -248,6 +252,18 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> dust_fill_masks(
   return run_dust_fill(probs, regions, new_threshold, join_threshold, impatience, true);
 }
 
+// For tests and measurements: how many visits DUST_FILL's relaxation makes on each image.
+at::Tensor dust_fill_visits(
+    const at::Tensor& probs,
+    const at::Tensor& regions,
+    const at::Tensor& new_threshold,
+    double join_threshold,
+    double impatience) {
+  at::Tensor visits;
+  run_dust_fill(probs, regions, new_threshold, join_threshold, impatience, false, &visits);
+  return visits;
+}
+
 }  // namespace
 }  // namespace unet_postprocess
 
@@ -266,6 +282,9 @@ TORCH_LIBRARY(unet, m) {
   m.def(
       "dust_fill_masks(Tensor probs, Tensor regions, Tensor new_threshold, float join_threshold, "
       "float impatience) -> (Tensor labels, Tensor masks, Tensor[] statistics)");
+  m.def(
+      "_dust_fill_visits(Tensor probs, Tensor regions, Tensor new_threshold, float join_threshold, "
+      "float impatience) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(unet, CPU, m) {
@@ -278,4 +297,5 @@ TORCH_LIBRARY_IMPL(unet, CPU, m) {
   m.impl("argmax_labels", &argmax_labels);
   m.impl("dust_fill", &dust_fill);
   m.impl("dust_fill_masks", &dust_fill_masks);
+  m.impl("_dust_fill_visits", &dust_fill_visits);
 }

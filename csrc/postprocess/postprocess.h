@@ -51,11 +51,14 @@ constexpr int64_t kMaxStatistics = int64_t(1) << 28;
 // Where dust_fill_image writes. `labels` [height, width] always; `masks` [height, width] and
 // `statistics` [M + L, L] (M = the largest region id + 1) when not null: each pixel's final mask
 // (region r < M, or M + l for label l's promoted pixels) and the statistics Algorithm 4 ends with
-// (a region's pooled probability sums, in double; a promoted mask's one-hot row).
+// (a region's pooled probability sums, in double; a promoted mask's one-hot row). `visits` when
+// not null: how many visits the relaxation made (each computes a waiting pixel's distances to
+// decide whether it joins a mask; every waiting pixel joins at one), a measure of its work.
 struct DustFillOutput {
   int64_t* labels;
   int32_t* masks = nullptr;
   double* statistics = nullptr;
+  int64_t* visits = nullptr;
 };
 
 // DUST_FILL (Algorithm 4). probs is [labels, height, width]; regions as written by segment_image.
