@@ -444,7 +444,7 @@ def test_dust_fill_matches_reference_with_many_labels_and_any_mass(inputs):
 
 def _network_like_output(seed: int, side: int = 128, cells: int = 60, num_labels: int = 8):
     """Half the pixels unassigned, in bands along the borders of `cells` cells, nearly all of them
-    under the default promotion threshold; probabilities that lean towards a label per cell."""
+    under the paper's promotion threshold (0.5); probabilities that lean towards a label per cell."""
     rng = np.random.default_rng(seed)
     seeds = rng.integers(0, side, size=(cells, 2))
     yy, xx = np.mgrid[:side, :side]
@@ -463,11 +463,12 @@ def test_dust_fill_visits_a_waiting_pixel_little_more_than_once(seed):
     few (the pseudo-code visits every waiting pixel each round; visiting a pixel at each wake by
     a neighbour's join or a region's drift made about 3 visits per waiting pixel here, 1.3 now)."""
     probs, regions = _network_like_output(seed)
-    waiting = int(((regions < 0) & (probs.max(axis=0) < postprocess.NEW_THRESHOLD)).sum())
+    new_threshold = postprocess.PAPER_SETTINGS["new_threshold"]  # 0.5: most unassigned pixels wait
+    waiting = int(((regions < 0) & (probs.max(axis=0) < new_threshold)).sum())
     assert waiting > 0.9 * (regions < 0).sum()
     visits = torch.ops.unet._dust_fill_visits(
         torch.from_numpy(probs)[None], torch.from_numpy(regions)[None],
-        torch.full((len(probs),), postprocess.NEW_THRESHOLD, dtype=torch.float64),
+        torch.full((len(probs),), new_threshold, dtype=torch.float64),
         postprocess.JOIN_THRESHOLD, postprocess.IMPATIENCE)
     assert visits.shape == (1,) and waiting <= int(visits[0]) <= 1.5 * waiting
 
