@@ -65,6 +65,9 @@
   // ---------------------------------------------------------------- geometry
 
   function stageSide() { return stage.clientWidth; }
+  // The stage side state.view was set for. The browser lays out a resized window before its
+  // "resize" event rescales the view: until then the crop is the view's, at this side.
+  let shownSide = 0;
 
   function resizeLayers() {
     const ratio = window.devicePixelRatio || 1;
@@ -92,7 +95,7 @@
 
   function crop() {
     const { zoom, ox, oy } = state.view;
-    return { x: -ox / zoom, y: -oy / zoom, side: stageSide() / zoom };
+    return { x: -ox / zoom, y: -oy / zoom, side: shownSide / zoom };
   }
 
   function fitPhoto() {
@@ -656,7 +659,6 @@
   $("download-labels").addEventListener("click", () => download("labels"));
   $("download-regions").addEventListener("click", () => download("regions"));
   $("download-edits").addEventListener("click", () => download("edits"));
-  let shownSide = 0; // the stage side the view was set for
   window.addEventListener("resize", () => {
     // keep the crop: scale the view with the stage, then resample the result for the new pixels
     if (!shownSide || !stageSide()) return;
@@ -675,7 +677,7 @@
 
   // For tests and measurements: the placement, the result's geometry and the timings (read-only copies).
   window.unetApp = {
-    view: () => ({ ...state.view, side: stageSide() }),
+    view: () => ({ ...state.view, side: shownSide }),
     crop,
     mode: () => state.mode,
     result: () => state.result && { id: state.result.id, box: state.result.box, width: state.result.width,
