@@ -158,9 +158,7 @@ def collect_probabilities(model, loader, device, *, amp: str = "none", progress:
 
 def score(config: PostprocessConfig | None, data: TuningData, interior: int = 0) -> ConfusionMatrix:
     """The confusion matrix of the post-processing with `config` (None: argmax) on `data`."""
-    matrix = ConfusionMatrix(NUM_LABELS)
-    matrix.matrix += score_folds(config, data, interior).sum(0)
-    return matrix
+    return _confusion(score_folds(config, data, interior).sum(0))
 
 
 def score_folds(config: PostprocessConfig | None, data: TuningData, interior: int = 0,
@@ -168,17 +166,16 @@ def score_folds(config: PostprocessConfig | None, data: TuningData, interior: in
     """Confusion counts (K, L, L) of the post-processing with `config` (None: argmax) on `data`, one
     matrix per fold: `folds` gives each image's fold in [0, K) (None: one fold of every image)."""
     folds = torch.zeros(len(data), dtype=torch.int64) if folds is None else folds
-    num_folds = int(folds.max()) + 1 if len(folds) else 1
-    counts = torch.zeros(num_folds * NUM_LABELS * NUM_LABELS, dtype=torch.int64)
+    matrices = [ConfusionMatrix(NUM_LABELS) for _ in range(int(folds.max()) + 1 if len(folds) else 1)]
     for start in range(0, len(data), IMAGES_PER_CALL):
         stop = start + IMAGES_PER_CALL
         labels = label_map("argmax" if config is None else "dust_fill", data.probs[start:stop],
                            data.boundary[start:stop], postprocess_config=config)
-        predicted, target = crop(labels, interior).flatten(1), crop(data.labels[start:stop], interior).flatten(1)
-        counted = (target >= 0) & (target < NUM_LABELS)  # as ConfusionMatrix.update: other values are ignored
-        cells = (folds[start:stop, None] * NUM_LABELS + target) * NUM_LABELS + predicted
-        counts += torch.bincount(cells[counted], minlength=counts.numel())
-    return counts.view(num_folds, NUM_LABELS, NUM_LABELS)
+        predicted, target = crop(labels, interior), crop(data.labels[start:stop], interior)
+        for fold in folds[start:stop].unique().tolist():
+            chosen = folds[start:stop] == fold
+            matrices[fold].update(predicted[chosen], target[chosen])
+    return torch.stack([matrix.matrix for matrix in matrices])
 
 
 def fold_ids(images: int, seed: int = 0, folds: int = FOLDS) -> torch.Tensor:
