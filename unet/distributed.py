@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 
-
 def available_cpus() -> int:
     """The CPUs this process may run on (its affinity where the OS says, else the machine's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 @dataclass(frozen=True)
 class DistInfo:

@@ -11,9 +11,10 @@ search that found the settings (read by people, ignored by the loader):
      "join_threshold": 0.05, "impatience": 1.5, "boundary_method": "paper", "tuning": {...}}
 
 `resolve` picks the settings a tool runs with: a file named on the command line (or ``defaults``,
-or ``paper`` for `PAPER`, the paper's settings), else ``postprocess.json`` beside the checkpoint
-(where ``python -m unet.evaluate --tune`` writes it), else the defaults of `unet.postprocess`.
-`ARGMAX` is the setting whose labels are the plain argmax's, the one tuning falls back on.
+or ``paper`` for `PAPER_CONFIG`, the paper's settings), else ``postprocess.json`` beside the
+checkpoint (where ``python -m unet.evaluate --tune`` writes it), else the defaults of
+`unet.postprocess`. `ARGMAX_EQUIVALENT` is the setting whose labels are the plain argmax's, one
+that tuning may keep.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _number(name: str, value, what: str, accept) -> float:
 class PostprocessConfig:
     """The keyword arguments of `unet.postprocess.postprocess` that shape its result, checked.
 
-    Defaults are the library's (see `unet.postprocess`; `PAPER` holds the paper's settings).
+    Defaults are the library's (see `unet.postprocess`; `PAPER_CONFIG` holds the paper's settings).
     """
 
     boundary_threshold: float = postprocess.BOUNDARY_THRESHOLD  # boundary where its probability >= this
