@@ -114,22 +114,23 @@ def test_inputs_look_as_documented():
     promoted) of each input, at the paper's settings and at the library's defaults."""
     paper = postprocess.PAPER_SETTINGS
     expected = {"clean": ((0.0, 0.05), (150, 400)), "model": ((0.25, 0.4), (200, 350)), "heavy": ((0.5, 0.7), (250, 450))}
+    unassigned_at_defaults = {"model": (0.2, 0.3), "heavy": (0.4, 0.55)}
     for kind, (unassigned_range, regions_range) in expected.items():
         data = _inputs(kind)
+        most = data["probs"].max(axis=0)
         regions = postprocess.boundary_regions(data["boundary_prob"], boundary_threshold=paper["boundary_threshold"])
         unassigned = regions < 0
-        waiting = unassigned & (data["probs"].max(axis=0) < paper["new_threshold"])
+        waiting = unassigned & (most < paper["new_threshold"])
         assert unassigned_range[0] <= unassigned.mean() <= unassigned_range[1], (kind, unassigned.mean())
         assert regions_range[0] <= regions.max() + 1 <= regions_range[1], (kind, regions.max() + 1)
-        if kind != "clean":
-            assert waiting.mean() > 0.15, (kind, waiting.mean())
-            assert 0.25 < (data["probs"].max(axis=0) < 0.5).mean() < 0.45, "about a third of the pixels unsure"
-    defaults = {"model": (0.2, 0.3), "heavy": (0.4, 0.55)}
-    for kind, unassigned_range in defaults.items():
-        data = _inputs(kind)
-        unassigned = data["regions"] < 0
-        waiting = unassigned & (data["probs"].max(axis=0) < postprocess.NEW_THRESHOLD)
-        assert unassigned_range[0] <= unassigned.mean() <= unassigned_range[1], (kind, unassigned.mean())
+        if kind == "clean":
+            continue
+        assert waiting.mean() > 0.15, (kind, waiting.mean())
+        assert 0.25 < (most < 0.5).mean() < 0.45, "about a third of the pixels unsure"
+        unassigned = data["regions"] < 0  # at the defaults
+        waiting = unassigned & (most < postprocess.NEW_THRESHOLD)
+        low, high = unassigned_at_defaults[kind]
+        assert low <= unassigned.mean() <= high, (kind, unassigned.mean())
         assert 0.04 < waiting.mean() < 0.1, (kind, waiting.mean())
 
 
