@@ -134,6 +134,15 @@ def test_inputs_look_as_documented():
         assert 0.04 < waiting.mean() < 0.1, (kind, waiting.mean())
 
 
+def test_boundary_regions_matches_reference(inputs):
+    """The regions of each input (threshold, the paper's preparation, SEGMENT at the library's
+    defaults) are the plain Python reference's, pixel for pixel."""
+    expected = reference.boundary_regions(
+        inputs["boundary_prob"], postprocess.BOUNDARY_THRESHOLD, postprocess.GAP_ITERATIONS, postprocess.MIN_SIZE
+    )
+    assert np.array_equal(inputs["regions"], expected)
+
+
 @pytest.mark.benchmark(group="postprocess 512x512x24")
 def test_postprocess_cpp(benchmark, inputs):
     benchmark(postprocess.postprocess, inputs["probs"], inputs["boundary_prob"])

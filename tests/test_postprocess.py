@@ -35,6 +35,15 @@ def boundaries(draw, max_side=14):
     return rng.random((h, w)) < draw(st.sampled_from([0.0, 0.2, 0.4, 0.6, 0.8, 1.0]))
 
 
+@st.composite
+def wide_boundaries(draw, max_width=150, max_height=10):
+    """Rows of 1..150 pixels: the kernels pack rows 64 pixels to a word, so widths on both sides
+    of multiples of 64 matter more than height."""
+    h, w = draw(st.integers(1, max_height)), draw(st.integers(1, max_width))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return rng.random((h, w)) < draw(st.sampled_from([0.0, 0.2, 0.5, 0.7, 0.9, 1.0]))
+
+
 def _probabilities(rng, num_labels, shape, kind, dtype):
     """kind 'smooth': Dirichlet vectors; 'sharp': mostly confident; 'coarse': small integers
     normalized, with exact ties and all-zero pixels."""
@@ -175,24 +184,46 @@ def test_close_gaps_closes_straight_and_diagonal_gaps(gap):
 # ----------------------------------------------------------------------------- prepare_boundary
 
 
-def _scipy_preparation(boundary, iterations):
-    """The author's steps with scipy.ndimage: an opening by a 2x2 square keeps exactly the pixels
-    of 2x2 blocks; frame; square dilation and diamond erosion on a canvas that holds the whole
-    dilation; the 12-neighbour re-opening; OR."""
-    h, w = boundary.shape
+def _scipy_kept(boundary):
+    """An opening by a 2x2 square keeps exactly the pixels of 2x2 blocks; then the frame."""
     kept = ndimage.binary_opening(boundary, np.ones((2, 2), dtype=bool))
     kept[0, :] = kept[-1, :] = kept[:, 0] = kept[:, -1] = True
+    return kept
+
+
+def _scipy_reopening(closed, kept):
+    """The 12-neighbour re-opening of the closed mask, OR the kept pixels."""
+    y2, x2 = np.mgrid[-2:3, -2:3]
+    ring = (abs(y2) + abs(x2) >= 1) & (abs(y2) + abs(x2) <= 2)
+    has_open_neighbour = ndimage.binary_dilation(~closed, ring, border_value=0)
+    return (closed & has_open_neighbour) | kept
+
+
+def _scipy_preparation(boundary, iterations):
+    """The author's steps with scipy.ndimage: square dilation and diamond erosion on a canvas that
+    holds the whole dilation, between _scipy_kept and _scipy_reopening."""
+    h, w = boundary.shape
+    kept = _scipy_kept(boundary)
     n = iterations
     yy, xx = np.mgrid[-n : n + 1, -n : n + 1]
     canvas = np.pad(kept, n)
     if n:
         canvas = ndimage.binary_dilation(canvas, np.ones((2 * n + 1,) * 2, dtype=bool))
         canvas = ndimage.binary_erosion(canvas, abs(yy) + abs(xx) <= n, border_value=1)
-    closed = canvas[n : n + h, n : n + w]
-    y2, x2 = np.mgrid[-2:3, -2:3]
-    ring = (abs(y2) + abs(x2) >= 1) & (abs(y2) + abs(x2) <= 2)
-    has_open_neighbour = ndimage.binary_dilation(~closed, ring, border_value=0)
-    return (closed & has_open_neighbour) | kept
+    return _scipy_reopening(canvas[n : n + h, n : n + w], kept)
+
+
+def _distance_preparation(boundary, iterations):
+    """The same steps by exact distance transforms, fast at any radius: dilated = chessboard
+    distance <= n to a kept pixel; the erosion opens the pixels within city-block distance n of a
+    pixel not dilated (the outside counts as dilated: the frame's dilation covers it)."""
+    kept = _scipy_kept(boundary)
+    n = iterations
+    dilated = ndimage.distance_transform_cdt(~kept, metric="chessboard") <= n
+    opened = np.zeros_like(dilated)
+    if not dilated.all():  # (with nothing to measure from, cdt returns -1 everywhere)
+        opened = ndimage.distance_transform_cdt(dilated, metric="taxicab") <= n
+    return _scipy_reopening(~opened, kept)
 
 
 @SOME
@@ -202,6 +233,50 @@ def test_prepare_boundary_matches_reference_and_scipy(boundary, iterations):
     assert prepared.dtype == bool
     assert np.array_equal(prepared, reference.prepare_boundary(boundary, iterations))
     assert np.array_equal(prepared, _scipy_preparation(boundary, iterations))
+    assert np.array_equal(prepared, _distance_preparation(boundary, iterations))
+
+
+@SOME
+@given(wide_boundaries(), st.integers(0, 6))
+def test_prepare_boundary_matches_reference_on_wide_rows(boundary, iterations):
+    assert np.array_equal(postprocess.prepare_boundary(boundary, iterations), reference.prepare_boundary(boundary, iterations))
+
+
+@FEW
+@given(st.integers(120, 200), st.integers(120, 200), st.integers(50, 90), st.sampled_from([0.0, 0.003, 0.02]),
+       st.integers(0, 2**32 - 1))
+def test_prepare_boundary_matches_distance_transforms_at_large_radii(height, width, iterations, density, seed):
+    """Radii on both sides of the 64 cross-shaped steps after which the kernel's erosion switches
+    to a distance transform, on images large enough to leave pixels undilated."""
+    boundary = np.random.default_rng(seed).random((height, width)) < density
+    expected = _distance_preparation(boundary, iterations)
+    assert np.array_equal(postprocess.prepare_boundary(boundary, iterations), expected)
+
+
+@pytest.mark.parametrize("iterations", [63, 64, 65, 70, 100])
+def test_prepare_boundary_erosion_beyond_64_steps(iterations):
+    """An empty 200 x 200 image: the frame's dilation leaves a square in the middle, whose
+    erosion takes more than 64 cross-shaped steps to reach the corners."""
+    boundary = np.zeros((200, 200), dtype=bool)
+    boundary[150:153, 30:33] = True
+    expected = _distance_preparation(boundary, iterations)
+    assert not expected[90:110, 90:110].any() and np.array_equal(postprocess.prepare_boundary(boundary, iterations), expected)
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 7), (7, 0), (1, 1), (1, 70), (70, 1), (2, 130)])
+def test_prepare_boundary_and_segment_on_empty_and_thin_images(shape):
+    rng = np.random.default_rng(0)
+    for boundary in (np.zeros(shape, dtype=bool), np.ones(shape, dtype=bool), rng.random(shape) < 0.5):
+        for iterations in (0, 1, 5):
+            prepared = postprocess.prepare_boundary(boundary, iterations)
+            assert prepared.shape == shape and np.array_equal(prepared, reference.prepare_boundary(boundary, iterations))
+        for min_size in (0, 1):
+            regions, count = postprocess.segment(boundary, min_size)
+            expected, expected_count = reference.segment(boundary, min_size)
+            assert count == expected_count and np.array_equal(regions, expected)
+        probs = rng.random(shape).astype(np.float32)
+        assert np.array_equal(postprocess.boundary_regions(probs, 0.5, 5, 0),
+                              reference.boundary_regions(probs, 0.5, 5, 0))
 
 
 @FEW
@@ -268,6 +343,15 @@ def test_segment_matches_flood_reference(boundary, min_size):
     flat = regions.ravel()
     firsts = [np.flatnonzero(flat == k)[0] for k in range(count)]
     assert firsts == sorted(firsts) and set(np.unique(flat)) <= set(range(-1, count))
+
+
+@SOME
+@given(wide_boundaries(), st.integers(0, 3))
+def test_segment_matches_flood_reference_on_wide_rows(boundary, min_size):
+    """Also min_size 0, where every boundary pixel with no non-boundary 4-neighbour is a region."""
+    regions, count = postprocess.segment(boundary, min_size)
+    expected, expected_count = reference.segment(boundary, min_size)
+    assert count == expected_count and np.array_equal(regions, expected)
 
 
 def _expected_regions(labels: np.ndarray) -> list[np.ndarray]:
@@ -387,6 +471,34 @@ def test_boundary_regions_matches_reference(boundary, threshold, gap_iterations,
     assert regions.dtype == np.int32 and np.array_equal(regions, expected)
     ready = postprocess.prepare_boundary if method == "paper" else postprocess.close_gaps
     assert np.array_equal(regions, postprocess.segment(ready(boundary_prob >= threshold, gap_iterations), min_size)[0])
+
+
+@FEW
+@given(wide_boundaries(), st.sampled_from([np.float32, np.float64]), st.integers(0, 6), st.integers(0, 3),
+       st.integers(0, 2**32 - 1))
+def test_boundary_regions_matches_reference_on_wide_rows(boundary, dtype, gap_iterations, min_size, seed):
+    boundary_prob = np.random.default_rng(seed).random(boundary.shape).astype(dtype)
+    regions = postprocess.boundary_regions(boundary_prob, 0.3, gap_iterations, min_size)
+    assert np.array_equal(regions, reference.boundary_regions(boundary_prob, 0.3, gap_iterations, min_size))
+
+
+@pytest.mark.parametrize("threshold", [0.7, 0.1 + 2**-40, 1 / 3, 1e-45, 1e300, -1e300])
+def test_boundary_regions_thresholds_float32_as_float64(threshold):
+    """float32 probabilities compare with the threshold as float64 values: those next to it on
+    either side, and thresholds between two float32 values or beyond their range."""
+    near = np.float32(threshold) if abs(threshold) < 1e38 else np.float32(0.5)
+    values = np.array([np.nextafter(near, np.float32(-1)), near, np.nextafter(near, np.float32(1)), 0, 1], np.float32)
+    boundary_prob = np.random.default_rng(1).choice(values, size=(12, 90))
+    expected = reference.boundary_regions(boundary_prob, threshold, 1, 0)
+    assert np.array_equal(postprocess.boundary_regions(boundary_prob, threshold, 1, 0), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_boundary_regions_names_the_first_value_not_finite(dtype):
+    boundary_prob = np.zeros((3, 130), dtype=dtype)
+    boundary_prob[1, 100], boundary_prob[2, 5] = -np.inf, np.nan  # past the first 64-pixel word
+    with pytest.raises(ValueError, match="boundary_prob: expected finite probabilities, got -inf"):
+        postprocess.boundary_regions(boundary_prob)
 
 
 def test_boundary_regions_default_is_the_paper_preparation():

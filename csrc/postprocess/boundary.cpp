@@ -5,8 +5,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace unet_postprocess {
 
@@ -26,13 +31,72 @@ void boundary_from_labels_image(const label_t* labels, int64_t height, int64_t w
 
 namespace {
 
+// The smallest prob_t value >= threshold: for every finite v of prob_t, double(v) >= threshold
+// exactly when v >= it, so the comparisons run in prob_t (four floats at a time with SSE2).
 template <typename prob_t>
-void threshold_image(const prob_t* boundary_prob, int64_t pixels, double threshold, bool* out) {
-  for (int64_t p = 0; p < pixels; ++p) {
+prob_t threshold_as(double threshold) {
+  if constexpr (std::is_same_v<prob_t, double>) {
+    return threshold;
+  } else {
+    constexpr double largest = std::numeric_limits<float>::max();
+    if (threshold > largest) return std::numeric_limits<float>::infinity();  // no finite value reaches it
+    if (threshold < -largest) return -std::numeric_limits<float>::max();
+    float rounded = static_cast<float>(threshold);
+    if (static_cast<double>(rounded) < threshold) rounded = std::nextafter(rounded, std::numeric_limits<float>::infinity());
+    return rounded;
+  }
+}
+
+#if defined(__SSE2__)
+// threshold_row's loop over whole words of float values; returns the first column it leaves to
+// the scalar loop and clears `finite` when a value is NaN or infinite (v - v is NaN for those).
+int64_t threshold_words_sse(const float* values, int64_t width, float threshold, uint64_t* row, bool& finite) {
+  const __m128 bound = _mm_set1_ps(threshold), zero = _mm_setzero_ps();
+  __m128 all_finite = _mm_cmpeq_ps(zero, zero);
+  int64_t x = 0;
+  for (; x + 64 <= width; x += 64) {
+    uint64_t word = 0;
+    for (int i = 0; i < 16; ++i) {
+      const __m128 v = _mm_loadu_ps(values + x + 4 * i);
+      word |= uint64_t(_mm_movemask_ps(_mm_cmpge_ps(v, bound))) << (4 * i);
+      all_finite = _mm_and_ps(all_finite, _mm_cmpeq_ps(_mm_sub_ps(v, v), zero));
+    }
+    row[x >> 6] = word;
+  }
+  finite = finite && _mm_movemask_ps(all_finite) == 0xF;
+  return x;
+}
+#endif
+
+// Sets the bits of `row` (all 0) where values >= threshold; returns whether every value is finite.
+template <typename prob_t>
+bool threshold_row(const prob_t* values, int64_t width, prob_t threshold, uint64_t* row) {
+  bool finite = true;
+  int64_t x = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<prob_t, float>) x = threshold_words_sse(values, width, threshold, row, finite);
+#endif
+  for (; x < width; ++x) {
+    const prob_t v = values[x];
+    row[x >> 6] |= uint64_t(v >= threshold) << (x & 63);
+    finite &= (v - v) == prob_t(0);
+  }
+  return finite;
+}
+
+// boundary_prob >= threshold as bits. Finiteness is checked per row without a branch per value;
+// only a failed check looks for the value to name.
+template <typename prob_t>
+BitImage threshold_bits(const prob_t* boundary_prob, int64_t height, int64_t width, double threshold) {
+  BitImage boundary(height, width);
+  const prob_t bound = threshold_as<prob_t>(threshold);
+  bool finite = true;
+  for (int64_t y = 0; y < height; ++y) finite &= threshold_row(boundary_prob + y * width, width, bound, boundary.row(y));
+  for (int64_t p = 0; !finite && p < height * width; ++p) {
     const double v = static_cast<double>(boundary_prob[p]);
     TORCH_CHECK_VALUE(std::isfinite(v), "boundary_prob: expected finite probabilities, got ", v);
-    out[p] = v >= threshold;
   }
+  return boundary;
 }
 
 // In place, along every row: distance to the nearest source (0) of the row, or `far`. Each sweep
@@ -98,50 +162,6 @@ void dilate_octagon(std::vector<int32_t>& map, int64_t height, int64_t width, in
   for (int32_t& v : map) v = v == 0;
 }
 
-// Boundary pixels that belong to a 2x2 block of boundary pixels, and the image's frame.
-void keep_blocks_and_frame(const bool* boundary, int64_t height, int64_t width, uint8_t* kept) {
-  std::fill(kept, kept + height * width, uint8_t(0));
-  // Row y of the blocks whose top-left pixel is (y, x) or (y, x - 1): the blocks holding (y, x)
-  // and (y + 1, x).
-  std::vector<uint8_t> spread(width);
-  for (int64_t y = 0; y + 1 < height; ++y) {
-    const bool* top = boundary + y * width;
-    const bool* bottom = top + width;
-    uint8_t left = 0;  // the block whose top-left pixel is (y, x - 1)
-    for (int64_t x = 0; x + 1 < width; ++x) {
-      const uint8_t block = top[x] & top[x + 1] & bottom[x] & bottom[x + 1];
-      spread[x] = block | left;
-      left = block;
-    }
-    spread[width - 1] = left;
-    uint8_t* row = kept + y * width;
-    for (int64_t x = 0; x < width; ++x) {
-      row[x] |= spread[x];
-      row[x + width] |= spread[x];
-    }
-  }
-  std::fill(kept, kept + width, uint8_t(1));
-  std::fill(kept + (height - 1) * width, kept + height * width, uint8_t(1));
-  for (int64_t y = 0; y < height; ++y) kept[y * width] = kept[y * width + width - 1] = 1;
-}
-
-// out = in, or'ed with its 4-neighbours (pixels outside the image are 0).
-void spread_cross(const uint8_t* in, int64_t height, int64_t width, uint8_t* out) {
-  for (int64_t y = 0; y < height; ++y) {
-    const uint8_t* row = in + y * width;
-    uint8_t* o = out + y * width;
-    std::copy(row, row + width, o);
-    for (int64_t x = 1; x < width; ++x) o[x] |= row[x - 1];
-    for (int64_t x = 0; x + 1 < width; ++x) o[x] |= row[x + 1];
-    if (y > 0) {
-      for (int64_t x = 0; x < width; ++x) o[x] |= row[x - width];
-    }
-    if (y + 1 < height) {
-      for (int64_t x = 0; x < width; ++x) o[x] |= row[x + width];
-    }
-  }
-}
-
 // The documented cap on both closings' iterations, which bounds their work: radii beyond
 // max(height, width) change nothing (the dilation covers the image already).
 int32_t capped_radius(int64_t iterations, int64_t height, int64_t width) {
@@ -169,46 +189,166 @@ void close_gaps_image(const bool* boundary, int64_t height, int64_t width, int64
   }
 }
 
+namespace {
+
+// Beyond this many cross-shaped steps, dilate_diamond_bits hands the rest of its radius to the
+// distance transform, whose cost does not grow with the radius: a step costs a few operations
+// per 64 pixels, the distance transform a few per pixel, so this bounds the worst case to about
+// twice the transform's.
+constexpr int64_t kMaxCrossSteps = 64;
+
+// Sets every bit of the row that lies inside the image.
+void fill_row(BitImage& image, int64_t y) {
+  uint64_t* row = image.row(y);
+  std::fill(row, row + image.words_per_row(), ~uint64_t(0));
+  row[image.words_per_row() - 1] = image.last_word_mask();
+}
+
+// Boundary pixels that belong to a 2x2 block of boundary pixels, and the image's frame.
+BitImage keep_blocks_and_frame(const BitImage& boundary) {
+  const int64_t height = boundary.height(), width = boundary.width(), words = boundary.words_per_row();
+  BitImage kept(height, width);
+  std::vector<uint64_t> both(words), blocks(words);
+  for (int64_t y = 0; y + 1 < height; ++y) {
+    const uint64_t* top = boundary.row(y);
+    const uint64_t* bottom = boundary.row(y + 1);
+    for (int64_t j = 0; j < words; ++j) both[j] = top[j] & bottom[j];
+    // Blocks marked at their top-left pixel: columns x and x + 1 boundary in both rows.
+    for (int64_t j = 0; j < words; ++j) blocks[j] = both[j] & from_higher_columns(both.data(), words, j, 1);
+    for (int64_t j = 0; j < words; ++j) {  // no block starts at the last column: nothing spills
+      const uint64_t spread = blocks[j] | from_lower_columns(blocks.data(), j, 1);
+      kept.row(y)[j] |= spread;
+      kept.row(y + 1)[j] |= spread;
+    }
+  }
+  fill_row(kept, 0);
+  fill_row(kept, height - 1);
+  for (int64_t y = 0; y < height; ++y) {
+    uint64_t* row = kept.row(y);
+    row[0] |= 1;
+    row[(width - 1) >> 6] |= uint64_t(1) << ((width - 1) & 63);
+  }
+  return kept;
+}
+
+// Offsets s such that or'ing each pixel with its neighbours at -s and +s, for each offset in
+// turn, or's it with all pixels within `radius`: 1, 2, 4, ... cover radius 2^m - 1, and one more
+// offset of at most 2^m completes the radius without leaving a hole.
+std::vector<int64_t> dilation_offsets(int64_t radius) {
+  std::vector<int64_t> offsets;
+  int64_t covered = 0;
+  for (int64_t offset = 1; covered + offset <= radius; offset <<= 1) {
+    offsets.push_back(offset);
+    covered += offset;
+  }
+  if (covered < radius) offsets.push_back(radius - covered);
+  return offsets;
+}
+
+// In place: the pixels within Chebyshev distance `radius` of a set pixel (a square), along the
+// rows, then along the columns, in O(log radius) passes.
+void dilate_square_bits(BitImage& image, int64_t radius) {
+  const int64_t height = image.height(), words = image.words_per_row();
+  const std::vector<int64_t> offsets = dilation_offsets(radius);
+  std::vector<uint64_t> copy(words);
+  for (const int64_t offset : offsets) {
+    for (int64_t y = 0; y < height; ++y) {
+      uint64_t* row = image.row(y);
+      std::copy(row, row + words, copy.begin());
+      for (int64_t j = 0; j < words; ++j) {
+        row[j] = copy[j] | from_lower_columns(copy.data(), j, offset) | from_higher_columns(copy.data(), words, j, offset);
+      }
+      row[words - 1] &= image.last_word_mask();
+    }
+  }
+  BitImage source(height, image.width());
+  for (const int64_t offset : offsets) {
+    std::swap(image, source);
+    for (int64_t y = 0; y < height; ++y) {
+      const uint64_t* above = y >= offset ? source.row(y - offset) : nullptr;
+      const uint64_t* below = y + offset < height ? source.row(y + offset) : nullptr;
+      const uint64_t* in = source.row(y);
+      uint64_t* out = image.row(y);
+      for (int64_t j = 0; j < words; ++j) out[j] = in[j] | (above ? above[j] : 0) | (below ? below[j] : 0);
+    }
+  }
+}
+
+// In place: the pixels within city-block distance `radius` of a set pixel (a diamond) through the
+// image. Cross-shaped steps until a fixed point; past kMaxCrossSteps of them the distance
+// transform does the rest of the radius (diamonds, like squares, add their radii).
+void dilate_diamond_bits(BitImage& image, int64_t radius) {
+  const int64_t height = image.height(), width = image.width();
+  BitImage next(height, width);
+  int64_t steps = 0;
+  for (; steps < std::min(radius, kMaxCrossSteps); ++steps) {
+    if (!spread_cross(image, next)) return;
+    std::swap(image, next);
+  }
+  const int32_t rest = static_cast<int32_t>(radius - steps), far = rest + 1;
+  if (rest == 0) return;
+  std::vector<int32_t> map(height * width);
+  for (int64_t y = 0; y < height; ++y) {
+    for (int64_t x = 0; x < width; ++x) map[y * width + x] = image.test(y, x) ? 0 : far;
+  }
+  dilate_diamond(map.data(), height, width, rest, far);
+  for (int64_t y = 0; y < height; ++y) {
+    uint64_t* row = image.row(y);
+    for (int64_t x = 0; x < width; ++x) row[x >> 6] |= uint64_t(map[y * width + x] == 0) << (x & 63);
+  }
+}
+
 // The frame is boundary, so the square dilation covers every pixel outside the image that the
 // diamond erosion of an image pixel reaches: both run on the image alone, the outside counting as
 // dilated.
-void prepare_boundary_image(const bool* boundary, int64_t height, int64_t width, int64_t iterations, bool* out) {
-  const int64_t pixels = height * width;
-  if (pixels == 0) return;
+BitImage prepare_boundary_bits(const BitImage& boundary, int64_t iterations) {
+  const int64_t height = boundary.height(), width = boundary.width(), words = boundary.words_per_row();
+  if (height * width == 0) return BitImage(height, width);
   const int32_t radius = capped_radius(iterations, height, width);
-  const int32_t far = radius + 1;
-  std::vector<uint8_t> kept(pixels), open(pixels), near_open(pixels), within_two(pixels);
-  keep_blocks_and_frame(boundary, height, width, kept.data());
-
-  std::vector<int32_t> map(pixels);
-  for (int64_t p = 0; p < pixels; ++p) map[p] = kept[p] ? 0 : far;
-  dilate_square(map.data(), height, width, radius, far);
-  for (int64_t p = 0; p < pixels; ++p) map[p] = map[p] == 0 ? far : 0;  // sources: pixels not dilated
-  dilate_diamond(map.data(), height, width, radius, far);
-  for (int64_t p = 0; p < pixels; ++p) open[p] = map[p] == 0;  // the erosion took them: not closed
+  const BitImage kept = keep_blocks_and_frame(boundary);
+  BitImage dilated = kept;
+  dilate_square_bits(dilated, radius);
+  BitImage open = complement(std::move(dilated));  // sources: pixels not dilated
+  dilate_diamond_bits(open, radius);  // the erosion took them: not closed
 
   // Re-open the closed blobs: a closed pixel stays only within city-block distance 2 of an open
   // one (two cross-shaped spreads), the outside counting as closed.
-  spread_cross(open.data(), height, width, near_open.data());
-  spread_cross(near_open.data(), height, width, within_two.data());
-  for (int64_t p = 0; p < pixels; ++p) out[p] = kept[p] | (within_two[p] & !open[p]);
+  BitImage near_open(height, width), out(height, width);
+  spread_cross(open, near_open);
+  spread_cross(near_open, out);
+  for (int64_t y = 0; y < height; ++y) {
+    const uint64_t* k = kept.row(y);
+    const uint64_t* o = open.row(y);
+    uint64_t* row = out.row(y);
+    for (int64_t j = 0; j < words; ++j) row[j] = k[j] | (row[j] & ~o[j]);
+  }
+  return out;
+}
+
+// close_gaps_image on bits.
+BitImage close_gaps_bits(const BitImage& boundary, int64_t iterations) {
+  const int64_t pixels = boundary.height() * boundary.width();
+  std::vector<uint8_t> raw(pixels), closed(pixels);  // bool storage without std::vector<bool>'s packing
+  unpack_bits(boundary, reinterpret_cast<bool*>(raw.data()));
+  close_gaps_image(reinterpret_cast<bool*>(raw.data()), boundary.height(), boundary.width(), iterations,
+                   reinterpret_cast<bool*>(closed.data()));
+  return pack_bits(reinterpret_cast<bool*>(closed.data()), boundary.height(), boundary.width());
+}
+
+}  // namespace
+
+void prepare_boundary_image(const bool* boundary, int64_t height, int64_t width, int64_t iterations, bool* out) {
+  unpack_bits(prepare_boundary_bits(pack_bits(boundary, height, width), iterations), out);
 }
 
 template <typename prob_t>
 int32_t boundary_regions_image(
     const prob_t* boundary_prob, int64_t height, int64_t width, double threshold, BoundaryMethod method,
     int64_t gap_iterations, int64_t min_size, int32_t* regions) {
-  const int64_t pixels = height * width;
-  std::vector<uint8_t> raw(pixels), prepared(pixels);  // bool storage without std::vector<bool>'s packing
-  bool* raw_boundary = reinterpret_cast<bool*>(raw.data());
-  bool* boundary = reinterpret_cast<bool*>(prepared.data());
-  threshold_image(boundary_prob, pixels, threshold, raw_boundary);
-  if (method == BoundaryMethod::kPaper) {
-    prepare_boundary_image(raw_boundary, height, width, gap_iterations, boundary);
-  } else {
-    close_gaps_image(raw_boundary, height, width, gap_iterations, boundary);
-  }
-  return segment_image(boundary, height, width, min_size, regions);
+  const BitImage boundary = threshold_bits(boundary_prob, height, width, threshold);
+  const BitImage ready = method == BoundaryMethod::kPaper ? prepare_boundary_bits(boundary, gap_iterations)
+                                                          : close_gaps_bits(boundary, gap_iterations);
+  return segment_bits(ready, min_size, regions);
 }
 
 template void boundary_from_labels_image<uint8_t>(const uint8_t*, int64_t, int64_t, bool*);

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "bit_image.h"
+
 namespace unet_postprocess {
 
 // A pixel is boundary where any 4-neighbour inside the image has another label (the paper's
@@ -35,6 +37,9 @@ void close_gaps_image(const bool* boundary, int64_t height, int64_t width, int64
 // FLOOD + SEGMENT (Algorithms 2-3). Writes region ids 0.. in scan order of their first pixel and
 // -1 where a pixel belongs to no region of more than `min_size` pixels. Returns the region count.
 int32_t segment_image(const bool* boundary, int64_t height, int64_t width, int64_t min_size, int32_t* regions);
+
+// segment_image on a packed boundary.
+int32_t segment_bits(const BitImage& boundary, int64_t min_size, int32_t* regions);
 
 // boundary_prob >= threshold (rejecting NaN and infinities), readied by `method` with
 // `gap_iterations`, then segment_image. Returns the region count.
