@@ -27,17 +27,18 @@ bool spread_cross(const BitImage& in, BitImage& out) {
   uint64_t changed = 0;
   for (int64_t y = 0; y < height; ++y) {
     const uint64_t* row = in.row(y);
-    const uint64_t* above = y > 0 ? in.row(y - 1) : nullptr;
-    const uint64_t* below = y + 1 < height ? in.row(y + 1) : nullptr;
+    // At the top and bottom the row stands in for the missing one: or'ing it adds nothing.
+    const uint64_t* above = in.row(y > 0 ? y - 1 : y);
+    const uint64_t* below = in.row(y + 1 < height ? y + 1 : y);
     uint64_t* o = out.row(y);
+    uint64_t before = 0;  // the word before word j
     for (int64_t j = 0; j < words; ++j) {
-      uint64_t word = row[j] | from_lower_columns(row, j, 1) | from_higher_columns(row, words, j, 1);
-      if (above) word |= above[j];
-      if (below) word |= below[j];
-      if (j + 1 == words) word &= in.last_word_mask();
-      o[j] = word;
-      changed |= word ^ row[j];
+      const uint64_t after = j + 1 < words ? row[j + 1] : 0;
+      o[j] = row[j] | row[j] << 1 | before >> 63 | row[j] >> 1 | after << 63 | above[j] | below[j];
+      before = row[j];
     }
+    o[words - 1] &= in.last_word_mask();
+    for (int64_t j = 0; j < words; ++j) changed |= o[j] ^ row[j];
   }
   return changed != 0;
 }
