@@ -101,7 +101,7 @@ void unite(std::vector<int32_t>& parent, int32_t a, int32_t b) {
 }
 
 // Joins the runs of rows y - 1 and y that the graph joins: column x joins them unless both its
-// pixels are boundary (then both pixels have an edge, so both are in runs). A pair of runs joined
+// pixels are boundary (where it does, both pixels have an edge, so both lie in runs). A pair of runs joined
 // somewhere is joined at its first such column, which starts a stretch of such columns or a run of
 // either row: only those columns are visited.
 void link_to_row_above(const BitImage& boundary, const Runs& runs, int64_t y, std::vector<int32_t>& parent) {
@@ -128,7 +128,7 @@ void link_to_row_above(const BitImage& boundary, const Runs& runs, int64_t y, st
 inline void fill_ahead(int32_t* begin, int32_t* end, int32_t value, const int32_t* limit) {
 #if defined(__SSE2__)
   const __m128i v = _mm_set1_epi32(value);
-  for (; begin < end && begin + 8 <= limit; begin += 8) {
+  for (; begin < end && limit - begin >= 8; begin += 8) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(begin), v);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(begin + 4), v);
   }
