@@ -150,8 +150,8 @@ bool argmax_pixels(const prob_t* probs, int64_t num_labels, int64_t pixels, int6
 #if defined(__SSE2__)
 // SSE2 versions of the read pass's loops for float probabilities and blocks of 8 labels (the
 // copies four pixels at a time, returning the first pixel they leave to the scalar loop). Values are
-// checked on the way for a sign bit (negative values, and -0.0) only: NaN and infinities show
-// in the sums they go into (region pixels) or in the pixel's sum (settle_unassigned).
+// checked on the way for a sign bit (negative values, and -0.0), copies also for NaN and
+// infinities; those of region pixels show in the sums they go into.
 
 // Whether the 8 labels of pixels [p, stop) are probabilities, given the OR of their bits: the
 // exact check where a sign bit is set.
@@ -194,6 +194,7 @@ void sum_run_sse(double* sums, const float* const* planes, int64_t p, int64_t st
 int64_t copy_run_sse(const float* const* planes, int64_t p, int64_t stop, int64_t first_label, float* rows,
                      int64_t row_stride, float* best, int32_t* label, bool& valid) {
   const int64_t start = p;
+  const __m128 largest = _mm_set1_ps(std::numeric_limits<float>::max());
   __m128 bits = _mm_setzero_ps();
   for (; p + 4 <= stop; p += 4, rows += 4 * row_stride, best += 4, label += 4) {
     __m128 best4 = first_label == 0 ? _mm_loadu_ps(planes[0] + p) : _mm_loadu_ps(best);
@@ -205,7 +206,9 @@ int64_t copy_run_sse(const float* const* planes, int64_t p, int64_t stop, int64_
     };
     for (int i = 0; i < 4; ++i) {
       const __m128 a = _mm_loadu_ps(planes[2 * i] + p), b = _mm_loadu_ps(planes[2 * i + 1] + p);
-      bits = _mm_or_ps(bits, _mm_or_ps(a, b));
+      // NaN and infinities compare as all bits set, so they show as a sign bit
+      const __m128 beyond = _mm_or_ps(_mm_cmpnle_ps(a, largest), _mm_cmpnle_ps(b, largest));
+      bits = _mm_or_ps(bits, _mm_or_ps(_mm_or_ps(a, b), beyond));
       const __m128 first = _mm_unpacklo_ps(a, b), second = _mm_unpackhi_ps(a, b);
       _mm_storel_pi(reinterpret_cast<__m64*>(rows + 2 * i), first);
       _mm_storeh_pi(reinterpret_cast<__m64*>(rows + row_stride + 2 * i), first);
@@ -462,38 +465,38 @@ class DustFill {
     valid_ &= valid;
   }
 
-  // The framed mapping of the rows from `first_row` to pixel `end`: regions as they are;
-  // unassigned pixels whose most probable label reaches its threshold are promoted, the others
-  // wait, their copies moved to their slots.
+  // The framed mapping of the chunk's rows: regions as they are; unassigned pixels whose most
+  // probable label reaches its threshold are promoted, the others wait, copied to their slots.
   void settle_unassigned(int64_t first_row, int64_t end, const double* new_threshold) {
+    for (int64_t y = first_row; y * W_ < end; ++y) std::copy_n(regions_ + y * W_, W_, &mapping_[(y + 1) * W2_ + 1]);
     int64_t u = 0;
-    for (int64_t p = first_row * W_, y = first_row; p < end; ++y) {
-      int32_t* row = &mapping_[(y + 1) * W2_ + 1];
-      for (int64_t x = 0; x < W_; ++x, ++p) {
-        if (regions_[p] >= 0) {
-          row[x] = regions_[p];
-          continue;
-        }
-        const prob_t* read = chunk_copy(u);
-        const double mass = mass_of(read);
-        valid_ &= std::isfinite(mass);  // NaN and infinities show here
+    for (const Run& run : runs_) {
+      if (run.region >= 0) continue;
+      const int64_t framed = run.begin + (run.begin / W_) * 2 + W2_ + 1;  // runs stay in their row
+      for (int64_t p = run.begin; p < run.end; ++p, ++u) {
+        const int64_t pixel = framed + (p - run.begin);
         if (static_cast<double>(best_[u]) >= new_threshold[label_[u]]) {
-          row[x] = static_cast<int32_t>(M_ + label_[u]);
+          mapping_[pixel] = static_cast<int32_t>(M_ + label_[u]);
           ++promoted_;
         } else {
-          const int32_t slot = static_cast<int32_t>(waiting_++);
-          row[x] = ~slot;
-          prob_t* copy = values(slot);
-          std::copy(read, read + Lp_, copy);
-          const bool floats_will_do = mass == 0.0 || (mass >= kMinFloatMass && mass <= kMaxFloatMass);
-          const float inverse = !floats_will_do ? -1.0f : mass > 0.0 ? static_cast<float>(1.0 / mass) : 0.0f;
-          Slot& s = slot_at(slot);
-          s = Slot{mass, static_cast<int32_t>((y + 1) * W2_ + 1 + x), -1, 0, 0, inverse, {}};
-          if (sketched_ && inverse >= 0.0f) sketch(copy, inverse, s.sketch);
+          make_waiting(pixel, chunk_copy(u));
         }
-        ++u;
       }
     }
+  }
+
+  // Gives the pixel the next slot, its copy and its sketch.
+  void make_waiting(int64_t pixel, const prob_t* read) {
+    const int32_t slot = static_cast<int32_t>(waiting_++);
+    mapping_[pixel] = ~slot;
+    prob_t* copy = values(slot);
+    std::copy(read, read + Lp_, copy);
+    const double mass = mass_of(copy);
+    const bool floats_will_do = mass == 0.0 || (mass >= kMinFloatMass && mass <= kMaxFloatMass);
+    const float inverse = !floats_will_do ? -1.0f : mass > 0.0 ? static_cast<float>(1.0 / mass) : 0.0f;
+    Slot& s = slot_at(slot);
+    s = Slot{mass, static_cast<int32_t>(pixel), -1, 0, 0, inverse, {}};
+    if (sketched_ && inverse >= 0.0f) sketch(copy, inverse, s.sketch);
   }
 
   // The sum of a padded copy, in float lanes where their sum is in the range of float distances
