@@ -171,11 +171,15 @@ void sum_run_sse(double* sums, const float* const* planes, int64_t p, int64_t st
   for (int j = 0; j < 8; ++j) acc[j] = _mm_setzero_pd();
   __m128 bits = _mm_setzero_ps();
   for (; p + 2 <= stop; p += 2) {
+    __m128 two[8];
     for (int j = 0; j < 8; ++j) {
-      const __m128 two = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(planes[j] + p)));
-      bits = _mm_or_ps(bits, two);
-      acc[j] = _mm_add_pd(acc[j], _mm_cvtps_pd(two));
+      two[j] = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(planes[j] + p)));
+      acc[j] = _mm_add_pd(acc[j], _mm_cvtps_pd(two[j]));
     }
+    // a tree of ORs: one step of the chain through `bits` per iteration
+    const __m128 low = _mm_or_ps(_mm_or_ps(two[0], two[1]), _mm_or_ps(two[2], two[3]));
+    const __m128 high = _mm_or_ps(_mm_or_ps(two[4], two[5]), _mm_or_ps(two[6], two[7]));
+    bits = _mm_or_ps(bits, _mm_or_ps(low, high));
   }
   if (p < stop) {
     for (int j = 0; j < 8; ++j) {
