@@ -4,8 +4,9 @@ for the boundary preparation, from the description of the paper author's steps.
 Algorithms 2-4 (FLOOD, SEGMENT, DUST_FILL) follow the pseudo-code line by line: FLOOD's stack of
 (y, x, b) pushed for all four neighbours, SEGMENT's seeds taken in scan order, DUST_FILL's stack
 and swap buffer. DUST_FILL's arithmetic is double precision in the documented order of
-csrc/postprocess/dust_fill.cpp (sums over labels 0..L-1, pixels added to statistics in the order
-they join, normalization by the reciprocal of the sum), so the labels must match exactly.
+csrc/postprocess/dust_fill.cpp (sums over labels 0..L-1, a region's first statistics summed run by
+run along the rows, pixels added to statistics in the order they join, normalization by the
+reciprocal of the sum), so the labels must match exactly.
 One image at a time, NumPy in and out.
 """
 
@@ -164,10 +165,25 @@ def argmax_labels(probs: np.ndarray) -> np.ndarray:
 
 
 def _region_stats(seg: np.ndarray, regions: np.ndarray, num_masks: int) -> list[list[float]]:
-    """Per region, per label, sequential sums in scan order (np.bincount adds in input order)."""
+    """Per region, per label: each run of the region along a row summed in two lanes (its even and
+    its odd pixels, each in order from 0), the lanes added, and the runs added in scan order
+    (np.bincount adds in input order, sequentially)."""
+    height, width = regions.shape
     flat = regions.ravel()
-    assigned = flat >= 0
-    sums = [np.bincount(flat[assigned], weights=plane.ravel()[assigned], minlength=num_masks) for plane in seg]
+    starts = np.ones(flat.size, dtype=bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::width] = True
+    run = np.cumsum(starts) - 1
+    first = np.flatnonzero(starts)
+    odd = (np.arange(flat.size) - first[run]) % 2 == 1
+    run_region = flat[first]
+    assigned, counted = flat >= 0, run_region >= 0
+    sums = []
+    for plane in seg:
+        values = plane.ravel()
+        lanes = [np.bincount(run[assigned & lane], weights=values[assigned & lane], minlength=len(first)) for lane in (~odd, odd)]
+        run_sums = lanes[0] + lanes[1]
+        sums.append(np.bincount(run_region[counted], weights=run_sums[counted], minlength=num_masks))
     return [[float(sums[l][k]) for l in range(len(seg))] for k in range(num_masks)]
 
 

@@ -869,6 +869,27 @@ def test_bad_input_raises_naming_the_argument(call, error, message):
         call()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+def test_a_bad_value_anywhere_is_found(dtype, bad):
+    """The read pass checks 8 labels of several pixels at once: a bad value is found in any label
+    of any pixel, of a region or unassigned (promoted or waiting), and -0.0 passes."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(21), size=(6, 20)).transpose(2, 0, 1).astype(dtype)
+    probs[3, :, 10:] += 2.0  # the unassigned right half: confident (promoted) but for row 5
+    probs /= probs.sum(0)
+    regions = np.full((6, 20), -1, dtype=np.int32)
+    regions[:, :10] = 0
+    for label in (0, 7, 8, 20):
+        for y, x in ((1, 0), (1, 5), (2, 9), (0, 10), (2, 14), (4, 19), (5, 12)):
+            broken = probs.copy()
+            broken[label, y, x] = bad
+            with pytest.raises(ValueError, match="probs: expected finite, non-negative"):
+                postprocess.dust_fill(broken, regions, new_threshold=0.5)
+            broken[label, y, x] = -0.0
+            postprocess.dust_fill(broken, regions, new_threshold=0.5)
+
+
 def test_absurd_label_and_region_counts_are_refused_before_any_work():
     """Statistics are regions x labels: counts whose product passes 2^28 fail with a clear error,
     before the (broadcast, never materialized) probabilities are touched. (The kernel's own

@@ -4,15 +4,19 @@
 // label and keep one-hot statistics, which are never stored. (The pseudo-code's
 // `mapping[s, t] <- label` for a promoted pixel is read as `M + label`, the mask it has just set.)
 // The result is exactly the pseudo-code's, with its arithmetic in double in a fixed order (sums
-// run over labels 0..L-1, statistics accumulate pixels in the order they join, a vector is
-// normalized by multiplying with the reciprocal of its sum, or zero when the sum is zero), which
-// tests/postprocess_reference.py reproduces.
+// run over labels 0..L-1; a region's first statistics add up its runs along the rows in scan
+// order, each run summed in two lanes, its even and its odd pixels in order, then the lanes
+// added; pixels that join later add in the order they join; a vector is normalized by
+// multiplying with the reciprocal of its sum, or zero when the sum is zero), which
+// tests/postprocess_reference.py reproduces. (The lanes let the read pass convert and add two
+// values at once.)
 //
 // The read pass goes over the probabilities once, in chunks of rows whose label planes stay in
-// the L2 cache: the argmax of every pixel (vectorized over pixels, plane by plane; it also
-// validates every value), each region's sums per label (runs of a region along a row keep the
-// sums in registers; each sum still adds its pixels in scan order), and the unassigned pixels:
-// promoted, or copied pixel by pixel, and sketched, for the relaxation ("waiting").
+// the L2 cache. A chunk's runs of a region along a row are found once; then, label block by label
+// block, each run of a region adds to the region's sums (in two lanes per label, kept in
+// registers along the run), and each run of unassigned pixels is copied pixel by
+// pixel to a buffer of the chunk's size, its argmax going on. Then the chunk's unassigned pixels
+// are promoted, or copied to their slots and sketched for the relaxation ("waiting").
 //
 // The relaxation. The pseudo-code's stack holds the waiting pixels in scan order; a round pops
 // them all and pushes those that stay onto the swap buffer, the next round's stack: so even
@@ -144,10 +148,10 @@ bool argmax_pixels(const prob_t* probs, int64_t num_labels, int64_t pixels, int6
 }
 
 #if defined(__SSE2__)
-// SSE2 versions of the read pass's loops for float probabilities and blocks of 8 labels, four
-// pixels at a time; they return the first pixel they leave to the scalar loop. Values are
-// checked on the way for a sign bit (negative values, and -0.0) only: NaN and infinities show
-// in the sums they go into (region pixels) or in the pixel's sum (settle_unassigned).
+// SSE2 versions of the read pass's loops for float probabilities and blocks of 8 labels (the
+// copies four pixels at a time, returning the first pixel they leave to the scalar loop). Values are
+// checked on the way for a sign bit (negative values, and -0.0), copies also for NaN and
+// infinities; those of region pixels show in the sums they go into.
 
 // Whether the 8 labels of pixels [p, stop) are probabilities, given the OR of their bits: the
 // exact check where a sign bit is set.
@@ -160,28 +164,33 @@ inline bool all_probabilities(const float* const* planes, int64_t p, int64_t sto
   return valid;
 }
 
-// Adds pixels to the sums of 8 labels, a register per pair of labels whose lanes each add
-// their label's values in pixel order.
-int64_t sum_run_sse(double* sums, const float* const* planes, int64_t p, int64_t stop, bool& valid) {
-  if (stop - p < 4) return p;
+// Adds a run of pixels to the sums of 8 labels, as DustFill::sum_run does.
+void sum_run_sse(double* sums, const float* const* planes, int64_t p, int64_t stop, bool& valid) {
   const int64_t start = p;
-  __m128d acc[4];
-  for (int i = 0; i < 4; ++i) acc[i] = _mm_loadu_pd(sums + 2 * i);
+  __m128d acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm_setzero_pd();
   __m128 bits = _mm_setzero_ps();
-  for (; p + 4 <= stop; p += 4) {
-    for (int i = 0; i < 4; ++i) {
-      const __m128 a = _mm_loadu_ps(planes[2 * i] + p), b = _mm_loadu_ps(planes[2 * i + 1] + p);
-      bits = _mm_or_ps(bits, _mm_or_ps(a, b));
-      const __m128 first = _mm_unpacklo_ps(a, b), second = _mm_unpackhi_ps(a, b);  // pixels p, p+1; p+2, p+3
-      acc[i] = _mm_add_pd(acc[i], _mm_cvtps_pd(first));
-      acc[i] = _mm_add_pd(acc[i], _mm_cvtps_pd(_mm_movehl_ps(first, first)));
-      acc[i] = _mm_add_pd(acc[i], _mm_cvtps_pd(second));
-      acc[i] = _mm_add_pd(acc[i], _mm_cvtps_pd(_mm_movehl_ps(second, second)));
+  for (; p + 2 <= stop; p += 2) {
+    __m128 two[8];
+    for (int j = 0; j < 8; ++j) {
+      two[j] = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(planes[j] + p)));
+      acc[j] = _mm_add_pd(acc[j], _mm_cvtps_pd(two[j]));
     }
+    // a tree of ORs: one step of the chain through `bits` per iteration
+    const __m128 low = _mm_or_ps(_mm_or_ps(two[0], two[1]), _mm_or_ps(two[2], two[3]));
+    const __m128 high = _mm_or_ps(_mm_or_ps(two[4], two[5]), _mm_or_ps(two[6], two[7]));
+    bits = _mm_or_ps(bits, _mm_or_ps(low, high));
   }
-  for (int i = 0; i < 4; ++i) _mm_storeu_pd(sums + 2 * i, acc[i]);
+  if (p < stop) {
+    for (int j = 0; j < 8; ++j) {
+      const __m128 one = _mm_load_ss(planes[j] + p);
+      bits = _mm_or_ps(bits, one);
+      acc[j] = _mm_add_pd(acc[j], _mm_cvtps_pd(one));
+    }
+    ++p;
+  }
+  for (int j = 0; j < 8; ++j) sums[j] += _mm_cvtsd_f64(_mm_add_sd(acc[j], _mm_unpackhi_pd(acc[j], acc[j])));
   valid &= all_probabilities(planes, start, p, bits);
-  return p;
 }
 
 // Copies 8 labels of unassigned pixels to their rows (one every `row_stride` floats, from
@@ -189,6 +198,7 @@ int64_t sum_run_sse(double* sums, const float* const* planes, int64_t p, int64_t
 int64_t copy_run_sse(const float* const* planes, int64_t p, int64_t stop, int64_t first_label, float* rows,
                      int64_t row_stride, float* best, int32_t* label, bool& valid) {
   const int64_t start = p;
+  const __m128 largest = _mm_set1_ps(std::numeric_limits<float>::max());
   __m128 bits = _mm_setzero_ps();
   for (; p + 4 <= stop; p += 4, rows += 4 * row_stride, best += 4, label += 4) {
     __m128 best4 = first_label == 0 ? _mm_loadu_ps(planes[0] + p) : _mm_loadu_ps(best);
@@ -200,7 +210,9 @@ int64_t copy_run_sse(const float* const* planes, int64_t p, int64_t stop, int64_
     };
     for (int i = 0; i < 4; ++i) {
       const __m128 a = _mm_loadu_ps(planes[2 * i] + p), b = _mm_loadu_ps(planes[2 * i + 1] + p);
-      bits = _mm_or_ps(bits, _mm_or_ps(a, b));
+      // NaN and infinities compare as all bits set, so they show as a sign bit
+      const __m128 beyond = _mm_or_ps(_mm_cmpnle_ps(a, largest), _mm_cmpnle_ps(b, largest));
+      bits = _mm_or_ps(bits, _mm_or_ps(_mm_or_ps(a, b), beyond));
       const __m128 first = _mm_unpacklo_ps(a, b), second = _mm_unpackhi_ps(a, b);
       _mm_storel_pi(reinterpret_cast<__m64*>(rows + 2 * i), first);
       _mm_storeh_pi(reinterpret_cast<__m64*>(rows + row_stride + 2 * i), first);
@@ -261,7 +273,7 @@ class DustFill {
       : probs_(probs), regions_(regions), L_(num_labels), Lp_((num_labels + kLanes - 1) / kLanes * kLanes),
         H_(height), W_(width), HW_(height * width), W2_(width + 2), HW2_((height + 2) * (width + 2)),
         current_(HW2_), next_(HW2_) {
-    const int64_t unassigned = count_masks();
+    count_masks();
     stats_.assign(M_ * L_, 0.0);
     float_normalized_.assign(M_ * Lp_, 0.0f);
     version_.assign(M_, 1);
@@ -272,10 +284,11 @@ class DustFill {
     zeros_.assign(L_, 0.0);
     exact_normalized_.resize(4 * L_);
     mapping_.assign(HW2_, kOutside);
-    // Slots and rows of a cache line's multiple, not zeroed: every value used is written.
+    // Slots of a cache line's multiple, not zeroed (every value used is written), room for every
+    // unassigned pixel: pages of the slots never used (promoted pixels) are never touched.
     stride_ = sizeof(Slot) + (Lp_ * static_cast<int64_t>(sizeof(prob_t)) + 63) / 64 * 64;
-    slots_.reset(static_cast<char*>(std::aligned_alloc(64, std::max<int64_t>(unassigned, 1) * stride_)));
-    TORCH_CHECK(slots_, "dust_fill: out of memory for ", unassigned, " unassigned pixels");
+    slots_.reset(static_cast<char*>(std::aligned_alloc(64, std::max<int64_t>(unassigned_, 1) * stride_)));
+    TORCH_CHECK(slots_, "dust_fill: out of memory for ", unassigned_, " unassigned pixels");
     float_error_ = float_distance_error(L_, Lp_);
     margin_ = 2.0 * float_error_;
     sketched_ = L_ <= kSketchLabels;
@@ -325,8 +338,8 @@ class DustFill {
   }
 
  private:
-  // Validates the ids and sets M_, before anything is allocated; returns the unassigned count.
-  int64_t count_masks() {
+  // Validates the ids and sets M_ and unassigned_, before anything is allocated.
+  void count_masks() {
     int32_t largest = -1, smallest = -1;
     int64_t unassigned = 0;
     for (int64_t p = 0; p < HW_; ++p) {
@@ -338,11 +351,11 @@ class DustFill {
         smallest >= -1 && largest < HW_, "regions: expected ids in [-1, H*W) (-1 = unassigned), got ids from ",
         smallest, " to ", largest);
     M_ = static_cast<int64_t>(largest) + 1;
+    unassigned_ = unassigned;
     TORCH_CHECK_VALUE(L_ <= kMaxStatistics, "probs: expected at most ", kMaxStatistics, " labels, got ", L_);
     TORCH_CHECK_VALUE(
         M_ * L_ <= kMaxStatistics, "dust_fill: ", M_, " regions x ", L_, " labels need ", M_ * L_,
         " label statistics, more than the ", kMaxStatistics, " supported (a larger min_size keeps fewer regions)");
-    return unassigned;
   }
 
   // ------------------------------------------------------------------------- the read pass
@@ -353,13 +366,16 @@ class DustFill {
   void read_probabilities(const double* new_threshold) {
     const int64_t row_bytes = L_ * static_cast<int64_t>(sizeof(prob_t)) * std::max<int64_t>(W_, 1);
     const int64_t rows = std::max<int64_t>(1, kChunkBytes / row_bytes);
-    best_.resize(rows * W_);
-    label_.resize(rows * W_);
+    const int64_t chunk_unassigned = std::min(rows * W_, unassigned_);
+    best_.resize(chunk_unassigned);
+    label_.resize(chunk_unassigned);
+    copies_.assign(chunk_unassigned * Lp_, prob_t(0));  // the padding labels stay zero
     for (int64_t y = 0; y < H_; y += rows) {
       const int64_t begin = y * W_, end = std::min(H_, y + rows) * W_;
+      find_runs(begin, end);
       int64_t l = 0;
-      for (; l + kLabelBlock <= L_; l += kLabelBlock) read_block<kLabelBlock>(begin, end, l);
-      for (; l < L_; ++l) read_block<1>(begin, end, l);
+      for (; l + kLabelBlock <= L_; l += kLabelBlock) read_block<kLabelBlock>(l);
+      for (; l < L_; ++l) read_block<1>(l);
       settle_unassigned(y, end, new_threshold);
     }
     for (int64_t k = 0; k < M_; ++k) {
@@ -369,63 +385,75 @@ class DustFill {
     check_probabilities(valid_);
   }
 
-  // Labels first_label.. first_label + n - 1 of pixels [begin, end), run by run of a region:
-  // region pixels add to their region's sums, in scan order; unassigned pixels are copied to
-  // the rows after the waiting ones so far, and their running argmax (the first maximum) goes on.
-  template <int64_t n>
-  void read_block(int64_t begin, int64_t end, int64_t first_label) {
-    for (int64_t j = 0; j < n; ++j) block_planes_[j] = probs_ + (first_label + j) * HW_;
-    const int32_t first_row = static_cast<int32_t>(waiting_);
-    int64_t u = 0;  // the chunk's unassigned pixels so far
-    for (int64_t p = begin; p < end;) {
-      const int32_t k = regions_[p];
-      int64_t stop = p + 1;
-      while (stop < end && regions_[stop] == k) ++stop;
-      if (k < 0) {
-        copy_run<n>(p, stop, first_label, first_row, u);
-        u += stop - p;
-      } else {
-        sum_run<n>(&stats_[k * L_ + first_label], p, stop, first_label);
+  // runs_: the rows of pixels [begin, end) as runs of one region id (-1: unassigned).
+  void find_runs(int64_t begin, int64_t end) {
+    runs_.clear();
+    for (int64_t row = begin; row < end; row += W_) {
+      for (int64_t p = row; p < row + W_;) {
+        const int32_t k = regions_[p];
+        int64_t stop = p + 1;
+        while (stop < row + W_ && regions_[stop] == k) ++stop;
+        runs_.push_back({p, stop, k});
+        p = stop;
       }
-      p = stop;
     }
   }
 
+  // Labels first_label.. first_label + n - 1 of the chunk's runs: a region's run adds to its
+  // sums, run by run in scan order; unassigned pixels are copied to the chunk's buffer, and their
+  // running argmax (the first maximum) goes on.
   template <int64_t n>
-  void sum_run(double* sums, int64_t p, int64_t stop, int64_t first_label) {
-    const prob_t* planes = probs_ + first_label * HW_;
-#if defined(__SSE2__)
-    if constexpr (std::is_same_v<prob_t, float> && n == 8) p = sum_run_sse(sums, block_planes_, p, stop, valid_);
-#endif
-    double sum[n];
-    for (int64_t j = 0; j < n; ++j) sum[j] = sums[j];
-    bool valid = true;
-    for (; p < stop; ++p) {
-      for (int64_t j = 0; j < n; ++j) {
-        const prob_t v = planes[j * HW_ + p];
-        valid &= is_probability(v);
-        sum[j] += static_cast<double>(v);
+  void read_block(int64_t first_label) {
+    for (int64_t j = 0; j < n; ++j) block_planes_[j] = probs_ + (first_label + j) * HW_;
+    int64_t u = 0;  // the chunk's unassigned pixels so far
+    for (const Run& run : runs_) {
+      if (run.region < 0) {
+        copy_run<n>(run.begin, run.end, first_label, u);
+        u += run.end - run.begin;
+      } else {
+        sum_run<n>(&stats_[run.region * L_ + first_label], run.begin, run.end, first_label);
       }
     }
-    for (int64_t j = 0; j < n; ++j) sums[j] = sum[j];
+  }
+
+  // Adds the run [p, stop) to the sums: per label, its even and its odd pixels in two lanes, in
+  // order from 0, then the lanes' sum.
+  template <int64_t n>
+  void sum_run(double* sums, int64_t p, int64_t stop, int64_t first_label) {
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<prob_t, float> && n == 8) {
+      sum_run_sse(sums, block_planes_, p, stop, valid_);
+      return;
+    }
+#endif
+    bool valid = true;
+    for (int64_t j = 0; j < n; ++j) {
+      const prob_t* plane = probs_ + (first_label + j) * HW_;
+      double lane[2] = {0.0, 0.0};
+      for (int64_t q = p; q < stop; ++q) {
+        valid &= is_probability(plane[q]);
+        lane[(q - p) & 1] += static_cast<double>(plane[q]);
+      }
+      sums[j] += lane[0] + lane[1];
+    }
     valid_ &= valid;
   }
 
   // Unassigned pixels [p, stop), the chunk's u-th and on.
   template <int64_t n>
-  void copy_run(int64_t p, int64_t stop, int64_t first_label, int32_t first_row, int64_t u) {
+  void copy_run(int64_t p, int64_t stop, int64_t first_label, int64_t u) {
     const prob_t* planes = probs_ + first_label * HW_;
 #if defined(__SSE2__)
     if constexpr (std::is_same_v<prob_t, float> && n == 8) {
-      const int64_t done = copy_run_sse(block_planes_, p, stop, first_label, values(first_row + static_cast<int32_t>(u)) + first_label,
-                                        stride_ / 4, best_.data() + u, label_.data() + u, valid_);
+      const int64_t done = copy_run_sse(block_planes_, p, stop, first_label, chunk_copy(u) + first_label, Lp_,
+                                        best_.data() + u, label_.data() + u, valid_);
       u += done - p;
       p = done;
     }
 #endif
     bool valid = true;
     for (; p < stop; ++p, ++u) {
-      prob_t* copy = values(first_row + static_cast<int32_t>(u)) + first_label;
+      prob_t* copy = chunk_copy(u) + first_label;
       prob_t best = first_label == 0 ? planes[p] : best_[u];
       label_like_t<prob_t> label = first_label == 0 ? 0 : label_[u];
       for (int64_t j = 0; j < n; ++j) {
@@ -441,40 +469,38 @@ class DustFill {
     valid_ &= valid;
   }
 
-  // The framed mapping of the rows from `first_row` to pixel `end`: regions as they are;
-  // unassigned pixels whose most probable label reaches its threshold are promoted, the others
-  // wait, their copies moved up to the waiting ones' rows.
+  // The framed mapping of the chunk's rows: regions as they are; unassigned pixels whose most
+  // probable label reaches its threshold are promoted, the others wait, copied to their slots.
   void settle_unassigned(int64_t first_row, int64_t end, const double* new_threshold) {
-    const int32_t first_copy = static_cast<int32_t>(waiting_);
+    for (int64_t y = first_row; y * W_ < end; ++y) std::copy_n(regions_ + y * W_, W_, &mapping_[(y + 1) * W2_ + 1]);
     int64_t u = 0;
-    for (int64_t p = first_row * W_, y = first_row; p < end; ++y) {
-      int32_t* row = &mapping_[(y + 1) * W2_ + 1];
-      for (int64_t x = 0; x < W_; ++x, ++p) {
-        if (regions_[p] >= 0) {
-          row[x] = regions_[p];
-          continue;
-        }
-        prob_t* read = values(first_copy + static_cast<int32_t>(u));
-        std::fill(read + L_, read + Lp_, prob_t(0));
-        const double mass = mass_of(read);
-        valid_ &= std::isfinite(mass);  // NaN and infinities show here
+    for (const Run& run : runs_) {
+      if (run.region >= 0) continue;
+      const int64_t framed = run.begin + (run.begin / W_) * 2 + W2_ + 1;  // runs stay in their row
+      for (int64_t p = run.begin; p < run.end; ++p, ++u) {
+        const int64_t pixel = framed + (p - run.begin);
         if (static_cast<double>(best_[u]) >= new_threshold[label_[u]]) {
-          row[x] = static_cast<int32_t>(M_ + label_[u]);
+          mapping_[pixel] = static_cast<int32_t>(M_ + label_[u]);
           ++promoted_;
         } else {
-          const int32_t slot = static_cast<int32_t>(waiting_++);
-          row[x] = ~slot;
-          prob_t* copy = values(slot);
-          if (read != copy) std::copy(read, read + Lp_, copy);
-          const bool floats_will_do = mass == 0.0 || (mass >= kMinFloatMass && mass <= kMaxFloatMass);
-          const float inverse = !floats_will_do ? -1.0f : mass > 0.0 ? static_cast<float>(1.0 / mass) : 0.0f;
-          Slot& s = slot_at(slot);
-          s = Slot{mass, static_cast<int32_t>((y + 1) * W2_ + 1 + x), -1, 0, 0, inverse, {}};
-          if (sketched_ && inverse >= 0.0f) sketch(copy, inverse, s.sketch);
+          make_waiting(pixel, chunk_copy(u));
         }
-        ++u;
       }
     }
+  }
+
+  // Gives the pixel the next slot, its copy and its sketch.
+  void make_waiting(int64_t pixel, const prob_t* read) {
+    const int32_t slot = static_cast<int32_t>(waiting_++);
+    mapping_[pixel] = ~slot;
+    prob_t* copy = values(slot);
+    std::copy(read, read + Lp_, copy);
+    const double mass = mass_of(copy);
+    const bool floats_will_do = mass == 0.0 || (mass >= kMinFloatMass && mass <= kMaxFloatMass);
+    const float inverse = !floats_will_do ? -1.0f : mass > 0.0 ? static_cast<float>(1.0 / mass) : 0.0f;
+    Slot& s = slot_at(slot);
+    s = Slot{mass, static_cast<int32_t>(pixel), -1, 0, 0, inverse, {}};
+    if (sketched_ && inverse >= 0.0f) sketch(copy, inverse, s.sketch);
   }
 
   // The sum of a padded copy, in float lanes where their sum is in the range of float distances
@@ -515,6 +541,8 @@ class DustFill {
 
   // ------------------------------------------------------------------------- the relaxation
 
+  prob_t* chunk_copy(int64_t u) { return copies_.data() + u * Lp_; }
+
   bool is_waiting(int64_t pixel) const { return mapping_[pixel] < 0; }
   int32_t slot_of(int64_t pixel) const { return ~mapping_[pixel]; }
   Slot& slot_at(int32_t slot) const { return *reinterpret_cast<Slot*>(slots_.get() + slot * stride_); }
@@ -545,7 +573,7 @@ class DustFill {
   }
 
   // limits_[f]: the threshold at a visit after f failed ones, join_threshold * patience, the
-  // patience multiplied by impatience once per failure, as the pseudo-code does.
+  // patience multiplied by impatience (> 1) once per failure, as the pseudo-code does: increasing.
   void tabulate_limits(double join_threshold, double impatience) {
     for (double patience = 1.0; limits_.empty() || !(limits_.back() > kFarthest); patience *= impatience) {
       limits_.push_back(join_threshold * patience);
@@ -644,11 +672,9 @@ class DustFill {
 
   // The first round from `from` on whose threshold may pass a distance of at least `reach`.
   int64_t first_passing_round(const Slot& s, int64_t from, double reach) const {
-    const int64_t tabulated = static_cast<int64_t>(limits_.size());
-    int64_t wait = from - s.active_round;
-    while (wait < tabulated && !(limits_[wait] > reach)) ++wait;
-    TORCH_INTERNAL_ASSERT(wait < tabulated, "dust_fill: a distance beyond the tabulated thresholds");
-    return s.active_round + wait;
+    const auto passing = std::upper_bound(limits_.begin() + (from - s.active_round), limits_.end(), reach);
+    TORCH_INTERNAL_ASSERT(passing != limits_.end(), "dust_fill: a distance beyond the tabulated thresholds");
+    return s.active_round + (passing - limits_.begin());
   }
 
   // Plans the pixel's next visit, from round `from` on, where its distances to `masks` are at
@@ -887,15 +913,23 @@ class DustFill {
   const int64_t L_, Lp_, H_, W_, HW_;
   const int64_t W2_, HW2_;  // the framed image
   int64_t M_ = 0;
+  int64_t unassigned_ = 0;  // pixels of no region
   int64_t promoted_ = 0;
   int64_t remaining_ = 0;  // waiting pixels not joined yet
   double float_error_ = 0.0, margin_ = 0.0;
   std::vector<double> limits_;    // by failed visits
   std::vector<int32_t> mapping_;  // framed: mask of each pixel; ~slot of a waiting pixel
-  // The read pass: per unassigned pixel of a chunk, its most probable label so far and its
-  // probability; whether all values read are probabilities.
+  // The read pass: the chunk's runs; per unassigned pixel of a chunk, its most probable label so
+  // far and its probability, and its copy ([Lp], padded with zeros); whether all values read are
+  // probabilities.
+  struct Run {
+    int64_t begin, end;
+    int32_t region;
+  };
+  std::vector<Run> runs_;
   std::vector<prob_t> best_;
   std::vector<label_like_t<prob_t>> label_;
+  std::vector<prob_t> copies_;
   const prob_t* block_planes_[kLabelBlock];  // the planes of the block being read
   bool valid_ = true;
   // Per waiting pixel (slot), in scan order: its Slot, then its probabilities (padded with
