@@ -584,6 +584,7 @@ class DustFill {
   // from the sketch bounds of its distances (the slots are read in order).
   void activate_bordering_pixels() {
     for (int32_t slot = 0; slot < waiting_; ++slot) {
+      if (slot + 8 < waiting_) __builtin_prefetch(&slot_at(slot + 8));
       Slot& s = slot_at(slot);
       int32_t masks[4];
       const int n = bordering_masks(s.pixel, masks);
