@@ -24,8 +24,6 @@ class BitImage {
   // The bits of the last word of a row that lie inside the image.
   uint64_t last_word_mask() const { return width_ % 64 ? (uint64_t(1) << (width_ % 64)) - 1 : ~uint64_t(0); }
 
-  bool operator==(const BitImage& other) const { return words_ == other.words_; }
-
  private:
   int64_t height_, width_, words_per_row_;
   std::vector<uint64_t> words_;

@@ -385,6 +385,9 @@ class DustFill {
     check_probabilities(valid_);
   }
 
+  // The chunk's u-th unassigned pixel's copy ([Lp]).
+  prob_t* chunk_copy(int64_t u) { return copies_.data() + u * Lp_; }
+
   // runs_: the rows of pixels [begin, end) as runs of one region id (-1: unassigned).
   void find_runs(int64_t begin, int64_t end) {
     runs_.clear();
@@ -540,8 +543,6 @@ class DustFill {
   }
 
   // ------------------------------------------------------------------------- the relaxation
-
-  prob_t* chunk_copy(int64_t u) { return copies_.data() + u * Lp_; }
 
   bool is_waiting(int64_t pixel) const { return mapping_[pixel] < 0; }
   int32_t slot_of(int64_t pixel) const { return ~mapping_[pixel]; }
