@@ -16,7 +16,7 @@
 // block, each run of a region adds to the region's sums (in two lanes per label, kept in
 // registers along the run), and each run of unassigned pixels is copied pixel by
 // pixel to a buffer of the chunk's size, its argmax going on. Then the chunk's unassigned pixels
-// are promoted, or copied to their slots and sketched for the relaxation ("waiting").
+// are promoted, or copied to their slots for the relaxation ("waiting").
 //
 // The relaxation. The pseudo-code's stack holds the waiting pixels in scan order; a round pops
 // them all and pushes those that stay onto the swap buffer, the next round's stack: so even
@@ -27,10 +27,9 @@
 // joins, and its patience at round r is impatience^(r - a), multiplied up one round at a time.
 // We visit a pixel only where it may join, and plan its visits from lower bounds of its
 // distances: a pixel is planned for the first round whose threshold may pass the closest bound,
-// and sleeps until then unless a bound drops first. Bounds come from its last visit's distances,
-// or, without reading its probabilities, from its sketch (a byte per label in its slot, which
-// bounds its normalized probabilities): at its activation, and when a neighbour's join makes it
-// border a mask it did not border. They drop as a bordering region's normalized statistics
+// and sleeps until then unless a bound drops first. Bounds come from its float distances: at its
+// last visit, at its activation, and when a neighbour's join makes it border a mask it did not
+// border. They drop as a bordering region's normalized statistics
 // drift: a pixel of mass s that joins at distance d moves the statistics of a region of mass T
 // by s d / (T + s) in L1, and each region keeps the sum of its moves (its path) and, in a heap,
 // the paths at which the bounds of its sleepers reach the threshold they were planned past.
@@ -44,7 +43,7 @@
 // Distances are first computed in float, with a bound on their error; only a decision that the
 // bound leaves open (a distance that close to the threshold, or two masks that close) is taken
 // from the exact double distances, computed as the pseudo-code does. Planning takes the bounds
-// with twice that error (a sketch's, four times), and the paths with room for it.
+// with twice that error, and the paths with room for it.
 //
 // Pixels are indexed in the image framed by one pixel on each side (kOutside), so that the four
 // neighbours of every pixel exist; the frame keeps scan order.
@@ -232,23 +231,16 @@ int64_t copy_run_sse(const float* const* planes, int64_t p, int64_t stop, int64_
 template <typename prob_t>
 using label_like_t = std::conditional_t<sizeof(prob_t) == 4, int32_t, int64_t>;
 
-// A waiting pixel's normalized probabilities u are sketched in a byte per label, q = floor(255
-// sqrt(u)), where L <= kSketchLabels: enough to bound its distances to a mask from below without
-// reading its probabilities (the bound is within a few hundredths of the distance).
-constexpr int64_t kSketchLabels = 36;
-constexpr int kSketchSteps = 255;
-
-// What the relaxation keeps of a waiting pixel (slot), one cache line; its probabilities follow.
-struct alignas(64) Slot {
+// What the relaxation keeps of a waiting pixel (slot), half a cache line; its probabilities follow.
+struct Slot {
   double mass;           // the sum of its probabilities, near enough for bounds
   int32_t pixel;         // in the framed image
   int32_t active_round;  // its first visit bordering a mask; -1 before
   int32_t next_round;    // its next visit, once active
   uint32_t plan;         // counts its failed visits: tells its drift wakes still due
   float inverse;         // 1 / its mass (float), 0 for zeros; -1: exact distances only
-  uint8_t sketch[kSketchLabels];
 };
-static_assert(sizeof(Slot) == 64, "a slot is one cache line");
+static_assert(sizeof(Slot) == 32, "a slot's header is half a cache line");
 
 // A sleeping pixel to reconsider when its region's path (the L1 length its normalized statistics
 // have moved along) passes `path`, unless it has been visited since (its plan is no longer
@@ -286,16 +278,11 @@ class DustFill {
     mapping_.assign(HW2_, kOutside);
     // Slots of a cache line's multiple, not zeroed (every value used is written), room for every
     // unassigned pixel: pages of the slots never used (promoted pixels) are never touched.
-    stride_ = sizeof(Slot) + (Lp_ * static_cast<int64_t>(sizeof(prob_t)) + 63) / 64 * 64;
+    stride_ = (static_cast<int64_t>(sizeof(Slot)) + Lp_ * static_cast<int64_t>(sizeof(prob_t)) + 63) / 64 * 64;
     slots_.reset(static_cast<char*>(std::aligned_alloc(64, std::max<int64_t>(unassigned_, 1) * stride_)));
     TORCH_CHECK(slots_, "dust_fill: out of memory for ", unassigned_, " unassigned pixels");
     float_error_ = float_distance_error(L_, Lp_);
     margin_ = 2.0 * float_error_;
-    sketched_ = L_ <= kSketchLabels;
-    if (sketched_) {
-      one_hot_.assign(L_ * Lp_, 0.0f);
-      for (int64_t l = 0; l < L_; ++l) one_hot_[l * Lp_ + l] = 1.0f;
-    }
   }
 
   // Returns false when nothing is mapped after promotion: no pixel could ever border a mask and
@@ -492,7 +479,7 @@ class DustFill {
     }
   }
 
-  // Gives the pixel the next slot, its copy and its sketch.
+  // Gives the pixel the next slot and its copy.
   void make_waiting(int64_t pixel, const prob_t* read) {
     const int32_t slot = static_cast<int32_t>(waiting_++);
     mapping_[pixel] = ~slot;
@@ -502,8 +489,7 @@ class DustFill {
     const bool floats_will_do = mass == 0.0 || (mass >= kMinFloatMass && mass <= kMaxFloatMass);
     const float inverse = !floats_will_do ? -1.0f : mass > 0.0 ? static_cast<float>(1.0 / mass) : 0.0f;
     Slot& s = slot_at(slot);
-    s = Slot{mass, static_cast<int32_t>(pixel), -1, 0, 0, inverse, {}};
-    if (sketched_ && inverse >= 0.0f) sketch(copy, inverse, s.sketch);
+    s = Slot{mass, static_cast<int32_t>(pixel), -1, 0, 0, inverse};
   }
 
   // The sum of a padded copy, in float lanes where their sum is in the range of float distances
@@ -518,28 +504,6 @@ class DustFill {
     double total = 0.0;
     for (int64_t l = 0; l < L_; ++l) total += static_cast<double>(copy[l]);
     return total;
-  }
-
-  // The sketch of a waiting pixel's copy: floor(255 sqrt(u)) of its normalized probabilities u,
-  // computed as float_distances computes them.
-  void sketch(const prob_t* copy, float inverse, uint8_t* out) const {
-    int64_t l = 0;
-#if defined(__SSE2__)
-    if constexpr (std::is_same_v<prob_t, float>) {
-      const __m128 scale = _mm_set1_ps(static_cast<float>(kSketchSteps)), inverse4 = _mm_set1_ps(inverse);
-      for (; l + 4 <= L_; l += 4) {
-        const __m128 root = _mm_sqrt_ps(_mm_mul_ps(_mm_loadu_ps(copy + l), inverse4));
-        const __m128i q = _mm_cvttps_epi32(_mm_mul_ps(root, scale));
-        const __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(q, q), _mm_setzero_si128());
-        const int32_t four = _mm_cvtsi128_si32(bytes);
-        std::memcpy(out + l, &four, 4);
-      }
-    }
-#endif
-    for (; l < L_; ++l) {
-      const float root = std::sqrt(static_cast<float>(copy[l]) * inverse);
-      out[l] = static_cast<uint8_t>(std::min(static_cast<float>(kSketchSteps), root * static_cast<float>(kSketchSteps)));
-    }
   }
 
   // ------------------------------------------------------------------------- the relaxation
@@ -582,7 +546,7 @@ class DustFill {
   }
 
   // Round 0 would visit the waiting pixels that border a mask from the start: each is planned
-  // from the sketch bounds of its distances (the slots are read in order).
+  // from the bounds of its distances (the slots are read in order).
   void activate_bordering_pixels() {
     for (int32_t slot = 0; slot < waiting_; ++slot) {
       if (slot + 8 < waiting_) __builtin_prefetch(&slot_at(slot + 8));
@@ -592,7 +556,7 @@ class DustFill {
       if (n == 0) continue;
       s.active_round = 0;
       double reach[4];
-      for (int k = 0; k < n; ++k) reach[k] = sketch_reach(s, masks[k]);
+      reaches(slot, masks, n, reach);
       plan_from(s.pixel, s, 0, masks, n, reach);
     }
   }
@@ -735,12 +699,15 @@ class DustFill {
       if (s.active_round < 0) {
         // Its first visit bordering a mask: `mask` is the only one.
         s.active_round = static_cast<int32_t>(first);
-        const double reach = sketch_reach(s, mask);
+        double reach;
+        reaches(slot_of(q), &mask, 1, &reach);
         plan_from(q, s, first, &mask, 1, &reach);
       } else if (s.next_round > first && !borders_besides(q, pixel, mask)) {
         // It sleeps, and has bordered the masks of its other neighbours since its plan (a join
         // into any of them would have come here): `mask` may be new.
-        reconsider(q, s, first, mask, sketch_reach(s, mask));
+        double reach;
+        reaches(slot_of(q), &mask, 1, &reach);
+        reconsider(q, s, first, mask, reach);
       }
     }
   }
@@ -788,40 +755,15 @@ class DustFill {
     }
   }
 
-  // A lower bound of the distance from the slot's pixel to the mask's normalized statistics,
-  // margin taken, from its sketch (0 where it has none). A sketch byte q stands for values in
-  // [q^2, (q+1)^2] / 255^2, widened for the float error of its computation.
-  double sketch_reach(const Slot& s, int32_t mask) {
-    if (!sketched_ || s.inverse < 0.0f) return 0.0;
-    const float* stats = mask < M_ ? float_normalized(mask) : &one_hot_[(mask - M_) * Lp_];
-    constexpr float kStep = 1.0f / (kSketchSteps * kSketchSteps);
-    constexpr float kLow = kStep * (1.0f - 0x1p-16f), kHigh = kStep * (1.0f + 0x1p-16f), kTiny = 0x1p-40f;
-    float sum;
-#if defined(__SSE2__)
-    // Four labels at a time, up to L rounded up to 4 (the sketch and the statistics are 0 beyond L).
-    __m128 acc = _mm_setzero_ps();
-    for (int64_t l = 0; l < L_; l += 4) {
-      int32_t four;
-      std::memcpy(&four, s.sketch + l, 4);
-      const __m128i bytes = _mm_cvtsi32_si128(four), zero = _mm_setzero_si128();
-      const __m128 q = _mm_cvtepi32_ps(_mm_unpacklo_epi16(_mm_unpacklo_epi8(bytes, zero), zero));
-      const __m128 q1 = _mm_add_ps(q, _mm_set1_ps(1.0f)), v = _mm_loadu_ps(stats + l);
-      const __m128 low = _mm_mul_ps(_mm_mul_ps(q, q), _mm_set1_ps(kLow));
-      const __m128 high = _mm_add_ps(_mm_mul_ps(_mm_mul_ps(q1, q1), _mm_set1_ps(kHigh)), _mm_set1_ps(kTiny));
-      const __m128 outside = _mm_max_ps(_mm_sub_ps(low, v), _mm_sub_ps(v, high));
-      acc = _mm_add_ps(acc, _mm_max_ps(outside, _mm_setzero_ps()));
+  // Lower bounds of the distances from the slot's pixel to the normalized statistics of `masks`,
+  // margin taken: its float distances, or 0 where it needs exact ones.
+  void reaches(int32_t slot, const int32_t* masks, int n, double* out) {
+    if (slot_at(slot).inverse < 0.0f) {
+      std::fill(out, out + n, 0.0);
+      return;
     }
-    float lane[4];
-    _mm_storeu_ps(lane, acc);
-    sum = (lane[0] + lane[1]) + (lane[2] + lane[3]);
-#else
-    sum = 0.0f;
-    for (int64_t l = 0; l < L_; ++l) {
-      const float q = s.sketch[l], low = q * q * kLow, high = (q + 1.0f) * (q + 1.0f) * kHigh + kTiny;
-      sum += std::max(std::max(low - stats[l], stats[l] - high), 0.0f);
-    }
-#endif
-    return static_cast<double>(sum) - 2.0 * margin_;
+    float_distances(slot, masks, n, out);
+    for (int k = 0; k < n; ++k) out[k] -= margin_;
   }
 
   // Which of `masks` the pixel joins at this visit (its index), or kNoMatch; `distance` gets the
@@ -955,8 +897,6 @@ class DustFill {
   bool added_now_ = false;            // whether its visit added pixels to this round
   PixelSet current_, next_;           // pixels to visit this round, next round
   std::vector<std::vector<int32_t>> wake_at_;  // per round: pixels sleeping until then
-  bool sketched_ = false;                      // whether the slots have sketches
-  std::vector<float> one_hot_;                 // [label][Lp]: the promoted masks' normalized statistics
   int64_t visits_ = 0;                         // pixels visited (their distances computed to decide)
 };
 
