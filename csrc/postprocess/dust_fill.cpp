@@ -228,6 +228,20 @@ int64_t copy_run_sse(const float* const* planes, int64_t p, int64_t stop, int64_
 }
 #endif
 
+// The first of ids[p..stop) that is not k, or stop; four ids at a time.
+int64_t end_of_run(const int32_t* ids, int64_t p, int64_t stop, int32_t k) {
+#if defined(__SSE2__)
+  const __m128i key = _mm_set1_epi32(k);
+  for (; p + 4 <= stop; p += 4) {
+    const __m128i same = _mm_cmpeq_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ids + p)), key);
+    const int differ = ~_mm_movemask_ps(_mm_castsi128_ps(same)) & 0xF;
+    if (differ) return p + __builtin_ctz(differ);
+  }
+#endif
+  while (p < stop && ids[p] == k) ++p;
+  return p;
+}
+
 template <typename prob_t>
 using label_like_t = std::conditional_t<sizeof(prob_t) == 4, int32_t, int64_t>;
 
@@ -381,8 +395,7 @@ class DustFill {
     for (int64_t row = begin; row < end; row += W_) {
       for (int64_t p = row; p < row + W_;) {
         const int32_t k = regions_[p];
-        int64_t stop = p + 1;
-        while (stop < row + W_ && regions_[stop] == k) ++stop;
+        const int64_t stop = end_of_run(regions_, p + 1, row + W_, k);
         runs_.push_back({p, stop, k});
         p = stop;
       }
