@@ -27,10 +27,10 @@
 // joins, and its patience at round r is impatience^(r - a), multiplied up one round at a time.
 // We visit a pixel only where it may join, and plan its visits from lower bounds of its
 // distances: a pixel is planned for the first round whose threshold may pass the closest bound,
-// and sleeps until then unless a bound drops first. Bounds come from its float distances: at its
-// last visit, at its activation, and when a neighbour's join makes it border a mask it did not
-// border. They drop as a bordering region's normalized statistics
-// drift: a pixel of mass s that joins at distance d moves the statistics of a region of mass T
+// and sleeps until then unless a bound drops first. Bounds come from its float distances (less
+// their error): at its last visit, at its activation, and when a neighbour's join makes it border
+// a mask it did not border. They drop as a bordering region's normalized statistics drift: a
+// pixel of mass s that joins at distance d moves the statistics of a region of mass T
 // by s d / (T + s) in L1, and each region keeps the sum of its moves (its path) and, in a heap,
 // the paths at which the bounds of its sleepers reach the threshold they were planned past.
 // There the sleeper is re-planned from its remaining bound. A pixel planned for a round is
