@@ -559,8 +559,8 @@ def test_dust_fill_matches_reference_on_segmented_outputs(inputs):
 @settings(max_examples=40, deadline=None)
 @given(segmented_outputs(max_side=20, labels=(20, 40), any_mass=True))
 def test_dust_fill_matches_reference_with_many_labels_and_any_mass(inputs):
-    """Label counts on both sides of the most the relaxation sketches (36), and pixels too small
-    or too large for float distances, which take exact ones."""
+    """Many labels (20-40: the float distances' lanes padded, their error bound growing with the
+    count), and pixels too small or too large for float distances, which take exact ones."""
     _assert_dust_fill_matches_reference(inputs)
 
 
