@@ -27,11 +27,11 @@
 // joins, and its patience at round r is impatience^(r - a), multiplied up one round at a time.
 // We visit a pixel only where it may join, and plan its visits from lower bounds of its
 // distances: a pixel is planned for the first round whose threshold may pass the closest bound,
-// and sleeps until then unless a bound drops first. Bounds come from its float distances (less
-// their error): at its last visit, at its activation, and when a neighbour's join makes it border
-// a mask it did not border. They drop as a bordering region's normalized statistics drift: a
-// pixel of mass s that joins at distance d moves the statistics of a region of mass T
-// by s d / (T + s) in L1, and each region keeps the sum of its moves (its path) and, in a heap,
+// and sleeps until then unless a bound drops first. Bounds come from its float distances, less
+// twice their error bound: at its last visit, at its activation, and when a neighbour's join
+// makes it border a mask it did not border. They drop as a bordering region's normalized
+// statistics drift: a pixel of mass s that joins at distance d moves the statistics of a region
+// of mass T by s d / (T + s) in L1, and each region keeps the sum of its moves (its path) and, in a heap,
 // the paths at which the bounds of its sleepers reach the threshold they were planned past.
 // There the sleeper is re-planned from its remaining bound. A pixel planned for a round is
 // visited at its place in the pseudo-code's order: the pixels of a round are a bitset scanned
@@ -53,7 +53,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -228,20 +227,6 @@ int64_t copy_run_sse(const float* const* planes, int64_t p, int64_t stop, int64_
 }
 #endif
 
-// The first of ids[p..stop) that is not k, or stop; four ids at a time.
-int64_t end_of_run(const int32_t* ids, int64_t p, int64_t stop, int32_t k) {
-#if defined(__SSE2__)
-  const __m128i key = _mm_set1_epi32(k);
-  for (; p + 4 <= stop; p += 4) {
-    const __m128i same = _mm_cmpeq_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ids + p)), key);
-    const int differ = ~_mm_movemask_ps(_mm_castsi128_ps(same)) & 0xF;
-    if (differ) return p + __builtin_ctz(differ);
-  }
-#endif
-  while (p < stop && ids[p] == k) ++p;
-  return p;
-}
-
 template <typename prob_t>
 using label_like_t = std::conditional_t<sizeof(prob_t) == 4, int32_t, int64_t>;
 
@@ -394,11 +379,12 @@ class DustFill {
   void find_runs(int64_t begin, int64_t end) {
     runs_.clear();
     for (int64_t row = begin; row < end; row += W_) {
-      for (int64_t p = row; p < row + W_;) {
-        const int32_t k = regions_[p];
-        const int64_t stop = end_of_run(regions_, p + 1, row + W_, k);
-        runs_.push_back({p, stop, k});
-        p = stop;
+      const int32_t* const row_end = regions_ + row + W_;
+      for (const int32_t* at = regions_ + row; at < row_end;) {
+        const int32_t k = *at;
+        const int32_t* stop = std::find_if(at + 1, row_end, [k](int32_t id) { return id != k; });
+        runs_.push_back({at - regions_, stop - regions_, k});
+        at = stop;
       }
     }
   }
@@ -708,19 +694,20 @@ class DustFill {
     neighbours_of(pixel, neighbours);
     for (const int64_t q : neighbours) {
       if (!is_waiting(q)) continue;
-      Slot& s = slot_at(slot_of(q));
+      const int32_t neighbour = slot_of(q);
+      Slot& s = slot_at(neighbour);
       const int64_t first = earliest(q);
       if (s.active_round < 0) {
         // Its first visit bordering a mask: `mask` is the only one.
         s.active_round = static_cast<int32_t>(first);
         double reach;
-        reaches(slot_of(q), &mask, 1, &reach);
+        reaches(neighbour, &mask, 1, &reach);
         plan_from(q, s, first, &mask, 1, &reach);
       } else if (s.next_round > first && !borders_besides(q, pixel, mask)) {
         // It sleeps, and has bordered the masks of its other neighbours since its plan (a join
         // into any of them would have come here): `mask` may be new.
         double reach;
-        reaches(slot_of(q), &mask, 1, &reach);
+        reaches(neighbour, &mask, 1, &reach);
         reconsider(q, s, first, mask, reach);
       }
     }
