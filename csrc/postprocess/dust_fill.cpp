@@ -147,14 +147,15 @@ bool argmax_pixels(const prob_t* probs, int64_t num_labels, int64_t pixels, int6
 
 #if defined(__SSE2__)
 // SSE2 versions of the read pass's loops for float probabilities and blocks of 8 labels (the
-// copies four pixels at a time, returning the first pixel they leave to the scalar loop). Values are
-// checked on the way for a sign bit (negative values, and -0.0), copies also for NaN and
-// infinities; those of region pixels show in the sums they go into.
+// copies four pixels at a time, returning the first pixel they leave to the scalar loop). The
+// bits of the values read are ORed on the way: a sign bit shows negative values (and -0.0), bit
+// 30 values of 2 or more, infinities and NaN.
 
 // Whether the 8 labels of pixels [p, stop) are probabilities, given the OR of their bits: the
-// exact check where a sign bit is set.
+// exact check where a sign bit or bit 30 is set.
 inline bool all_probabilities(const float* const* planes, int64_t p, int64_t stop, __m128 bits) {
-  if (_mm_movemask_ps(bits) == 0) return true;
+  const __m128i suspect = _mm_or_si128(_mm_castps_si128(bits), _mm_slli_epi32(_mm_castps_si128(bits), 1));
+  if (_mm_movemask_ps(_mm_castsi128_ps(suspect)) == 0) return true;
   bool valid = true;
   for (int64_t j = 0; j < 8; ++j) {
     for (int64_t q = p; q < stop; ++q) valid &= is_probability(planes[j][q]);
@@ -163,7 +164,9 @@ inline bool all_probabilities(const float* const* planes, int64_t p, int64_t sto
 }
 
 // Adds a run of pixels to the sums of 8 labels, as DustFill::sum_run does.
-void sum_run_sse(double* sums, const float* const* planes, int64_t p, int64_t stop, bool& valid) {
+void sum_run_sse(double* sums, const float* const* block_planes, int64_t p, int64_t stop, bool& valid) {
+  const float* planes[8];  // in registers
+  std::copy_n(block_planes, 8, planes);
   const int64_t start = p;
   __m128d acc[8];
   for (int j = 0; j < 8; ++j) acc[j] = _mm_setzero_pd();
@@ -191,39 +194,41 @@ void sum_run_sse(double* sums, const float* const* planes, int64_t p, int64_t st
   valid &= all_probabilities(planes, start, p, bits);
 }
 
-// Copies 8 labels of unassigned pixels to their rows (one every `row_stride` floats, from
-// label first_label on) and goes on with their argmax, across four pixels at a time.
-int64_t copy_run_sse(const float* const* planes, int64_t p, int64_t stop, int64_t first_label, float* rows,
-                     int64_t row_stride, float* best, int32_t* label, bool& valid) {
+// Copies 8 labels of a run of unassigned pixels, four pixels at a time, to their quads (one
+// every `quad_stride` floats, a quad holding 4 floats per label, the block's at `quads`), and
+// goes on with their argmax. A last quad that passes `stop` is done whole where the planes have
+// its pixels (before `readable_end`): its pixels past `stop` fill the quad's unused places.
+// Returns the first pixel left to the scalar loop.
+int64_t copy_run_sse(const float* const* block_planes, int64_t p, int64_t stop, int64_t readable_end,
+                     int64_t first_label, float* quads, int64_t quad_stride, float* best, int32_t* label, bool& valid) {
+  const float* planes[8];  // in registers: the stores below may alias anything
+  std::copy_n(block_planes, 8, planes);
   const int64_t start = p;
-  const __m128 largest = _mm_set1_ps(std::numeric_limits<float>::max());
   __m128 bits = _mm_setzero_ps();
-  for (; p + 4 <= stop; p += 4, rows += 4 * row_stride, best += 4, label += 4) {
+  for (; p < stop && p + 4 <= readable_end; p += 4, quads += quad_stride, best += 4, label += 4) {
     __m128 best4 = first_label == 0 ? _mm_loadu_ps(planes[0] + p) : _mm_loadu_ps(best);
     __m128i label4 = first_label == 0 ? _mm_setzero_si128() : _mm_loadu_si128(reinterpret_cast<const __m128i*>(label));
-    const auto argmax_step = [&](__m128 v, int64_t l) {
-      const __m128i better = _mm_castps_si128(_mm_cmpgt_ps(v, best4));
-      best4 = _mm_max_ps(v, best4);
-      label4 = _mm_or_si128(_mm_and_si128(better, _mm_set1_epi32(static_cast<int32_t>(l))), _mm_andnot_si128(better, label4));
-    };
+    __m128 any = _mm_setzero_ps();
     for (int i = 0; i < 4; ++i) {
       const __m128 a = _mm_loadu_ps(planes[2 * i] + p), b = _mm_loadu_ps(planes[2 * i + 1] + p);
-      // NaN and infinities compare as all bits set, so they show as a sign bit
-      const __m128 beyond = _mm_or_ps(_mm_cmpnle_ps(a, largest), _mm_cmpnle_ps(b, largest));
-      bits = _mm_or_ps(bits, _mm_or_ps(_mm_or_ps(a, b), beyond));
-      const __m128 first = _mm_unpacklo_ps(a, b), second = _mm_unpackhi_ps(a, b);
-      _mm_storel_pi(reinterpret_cast<__m64*>(rows + 2 * i), first);
-      _mm_storeh_pi(reinterpret_cast<__m64*>(rows + row_stride + 2 * i), first);
-      _mm_storel_pi(reinterpret_cast<__m64*>(rows + 2 * row_stride + 2 * i), second);
-      _mm_storeh_pi(reinterpret_cast<__m64*>(rows + 3 * row_stride + 2 * i), second);
-      argmax_step(a, first_label + 2 * i);
-      argmax_step(b, first_label + 2 * i + 1);
+      any = _mm_or_ps(any, _mm_or_ps(a, b));
+      _mm_storeu_ps(quads + 8 * i, a);
+      _mm_storeu_ps(quads + 8 * i + 4, b);
+      // the pair's first maximum (label 2i + 1 only where b > a), then the running one's
+      const __m128i b_wins = _mm_castps_si128(_mm_cmpgt_ps(b, a));
+      const __m128 pair_best = _mm_max_ps(a, b);
+      const __m128i pair_label = _mm_sub_epi32(_mm_set1_epi32(static_cast<int32_t>(first_label + 2 * i)), b_wins);
+      const __m128i better = _mm_castps_si128(_mm_cmpgt_ps(pair_best, best4));
+      best4 = _mm_max_ps(pair_best, best4);
+      label4 = _mm_or_si128(_mm_and_si128(better, pair_label), _mm_andnot_si128(better, label4));
     }
+    bits = _mm_or_ps(bits, any);
     _mm_storeu_ps(best, best4);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(label), label4);
   }
-  valid &= all_probabilities(planes, start, p, bits);
-  return p;
+  // (values past `stop` are the image's, checked where they are read for their own use)
+  valid &= all_probabilities(planes, start, std::min(p, stop), bits);
+  return std::min(p, stop);
 }
 #endif
 
@@ -347,19 +352,22 @@ class DustFill {
 
   // ------------------------------------------------------------------------- the read pass
 
+  // Pixels [begin, end) of one row, all of region `region` (-1: unassigned).
+  struct Run {
+    int64_t begin, end;
+    int32_t region;
+  };
+
   // Chunk by chunk of rows, label block by label block: each value is read once (a block's
   // planes stream side by side; more planes at once would collide in the caches' sets, as
   // planes are often a power of two apart), then the chunk's unassigned pixels are settled.
   void read_probabilities(const double* new_threshold) {
     const int64_t row_bytes = L_ * static_cast<int64_t>(sizeof(prob_t)) * std::max<int64_t>(W_, 1);
     const int64_t rows = std::max<int64_t>(1, kChunkBytes / row_bytes);
-    const int64_t chunk_unassigned = std::min(rows * W_, unassigned_);
-    best_.resize(chunk_unassigned);
-    label_.resize(chunk_unassigned);
-    copies_.assign(chunk_unassigned * Lp_, prob_t(0));  // the padding labels stay zero
     for (int64_t y = 0; y < H_; y += rows) {
       const int64_t begin = y * W_, end = std::min(H_, y + rows) * W_;
       find_runs(begin, end);
+      make_room_for_copies();
       int64_t l = 0;
       for (; l + kLabelBlock <= L_; l += kLabelBlock) read_block<kLabelBlock>(l);
       for (; l < L_; ++l) read_block<1>(l);
@@ -372,8 +380,22 @@ class DustFill {
     check_probabilities(valid_);
   }
 
-  // The chunk's u-th unassigned pixel's copy ([Lp]).
-  prob_t* chunk_copy(int64_t u) { return copies_.data() + u * Lp_; }
+  // The copies of the chunk's unassigned pixels go in quads of places, each run's from a new
+  // quad: a quad holds [Lp][4] values, so that the read pass stores four pixels of a label at
+  // once. Place u's quad and its place in it:
+  prob_t* quad_of(int64_t u) { return copies_.data() + (u / 4) * Lp_ * 4; }
+  static int64_t place_in_quad(int64_t u) { return u % 4; }
+  static int64_t quads_for(const Run& run) { return (run.end - run.begin + 3) / 4; }
+
+  // Sizes the chunk's copies (the padding labels are zero, never written), best and label.
+  void make_room_for_copies() {
+    int64_t quads = 0;
+    for (const Run& run : runs_) quads += run.region < 0 ? quads_for(run) : 0;
+    if (quads * 4 <= static_cast<int64_t>(best_.size())) return;
+    best_.resize(quads * 4);
+    label_.resize(quads * 4);
+    copies_.resize(quads * 4 * Lp_, prob_t(0));
+  }
 
   // runs_: the rows of pixels [begin, end) as runs of one region id (-1: unassigned).
   void find_runs(int64_t begin, int64_t end) {
@@ -395,11 +417,11 @@ class DustFill {
   template <int64_t n>
   void read_block(int64_t first_label) {
     for (int64_t j = 0; j < n; ++j) block_planes_[j] = probs_ + (first_label + j) * HW_;
-    int64_t u = 0;  // the chunk's unassigned pixels so far
+    int64_t u = 0;  // the place of the chunk's next unassigned run
     for (const Run& run : runs_) {
       if (run.region < 0) {
         copy_run<n>(run.begin, run.end, first_label, u);
-        u += run.end - run.begin;
+        u += 4 * quads_for(run);
       } else {
         sum_run<n>(&stats_[run.region * L_ + first_label], run.begin, run.end, first_label);
       }
@@ -429,27 +451,27 @@ class DustFill {
     valid_ &= valid;
   }
 
-  // Unassigned pixels [p, stop), the chunk's u-th and on.
+  // Unassigned pixels [p, stop), from place u on (the start of a quad).
   template <int64_t n>
   void copy_run(int64_t p, int64_t stop, int64_t first_label, int64_t u) {
     const prob_t* planes = probs_ + first_label * HW_;
 #if defined(__SSE2__)
     if constexpr (std::is_same_v<prob_t, float> && n == 8) {
-      const int64_t done = copy_run_sse(block_planes_, p, stop, first_label, chunk_copy(u) + first_label, Lp_,
-                                        best_.data() + u, label_.data() + u, valid_);
+      const int64_t done = copy_run_sse(block_planes_, p, stop, HW_, first_label, quad_of(u) + 4 * first_label,
+                                        4 * Lp_, best_.data() + u, label_.data() + u, valid_);
       u += done - p;
       p = done;
     }
 #endif
     bool valid = true;
     for (; p < stop; ++p, ++u) {
-      prob_t* copy = chunk_copy(u) + first_label;
+      prob_t* copy = quad_of(u) + 4 * first_label + place_in_quad(u);
       prob_t best = first_label == 0 ? planes[p] : best_[u];
       label_like_t<prob_t> label = first_label == 0 ? 0 : label_[u];
       for (int64_t j = 0; j < n; ++j) {
         const prob_t v = planes[j * HW_ + p];
         valid &= is_probability(v);
-        copy[j] = v;
+        copy[4 * j] = v;
         label = v > best ? static_cast<label_like_t<prob_t>>(first_label + j) : label;
         best = std::max(best, v);
       }
@@ -463,9 +485,11 @@ class DustFill {
   // probable label reaches its threshold are promoted, the others wait, copied to their slots.
   void settle_unassigned(int64_t first_row, int64_t end, const double* new_threshold) {
     for (int64_t y = first_row; y * W_ < end; ++y) std::copy_n(regions_ + y * W_, W_, &mapping_[(y + 1) * W2_ + 1]);
-    int64_t u = 0;
+    int64_t next_run = 0;
     for (const Run& run : runs_) {
       if (run.region >= 0) continue;
+      int64_t u = next_run;
+      next_run += 4 * quads_for(run);
       const int64_t framed = run.begin + (run.begin / W_) * 2 + W2_ + 1;  // runs stay in their row
       for (int64_t p = run.begin; p < run.end; ++p, ++u) {
         const int64_t pixel = framed + (p - run.begin);
@@ -473,18 +497,18 @@ class DustFill {
           mapping_[pixel] = static_cast<int32_t>(M_ + label_[u]);
           ++promoted_;
         } else {
-          make_waiting(pixel, chunk_copy(u));
+          make_waiting(pixel, quad_of(u) + place_in_quad(u));
         }
       }
     }
   }
 
-  // Gives the pixel the next slot and its copy.
+  // Gives the pixel the next slot and its copy (`read`: its first value, in its quad).
   void make_waiting(int64_t pixel, const prob_t* read) {
     const int32_t slot = static_cast<int32_t>(waiting_++);
     mapping_[pixel] = ~slot;
     prob_t* copy = values(slot);
-    std::copy(read, read + Lp_, copy);
+    for (int64_t l = 0; l < Lp_; ++l) copy[l] = read[4 * l];
     const double mass = mass_of(copy);
     const bool floats_will_do = mass == 0.0 || (mass >= kMinFloatMass && mass <= kMaxFloatMass);
     const float inverse = !floats_will_do ? -1.0f : mass > 0.0 ? static_cast<float>(1.0 / mass) : 0.0f;
@@ -864,13 +888,9 @@ class DustFill {
   double float_error_ = 0.0, margin_ = 0.0;
   std::vector<double> limits_;    // by failed visits
   std::vector<int32_t> mapping_;  // framed: mask of each pixel; ~slot of a waiting pixel
-  // The read pass: the chunk's runs; per unassigned pixel of a chunk, its most probable label so
-  // far and its probability, and its copy ([Lp], padded with zeros); whether all values read are
-  // probabilities.
-  struct Run {
-    int64_t begin, end;
-    int32_t region;
-  };
+  // The read pass: the chunk's runs; per place of the chunk's unassigned pixels, the most probable
+  // label so far and its probability, and its copy (in quads, padded with zeros to Lp labels);
+  // whether all values read are probabilities.
   std::vector<Run> runs_;
   std::vector<prob_t> best_;
   std::vector<label_like_t<prob_t>> label_;
