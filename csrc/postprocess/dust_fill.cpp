@@ -269,7 +269,7 @@ class DustFill {
       : probs_(probs), regions_(regions), L_(num_labels), Lp_((num_labels + kLanes - 1) / kLanes * kLanes),
         H_(height), W_(width), HW_(height * width), W2_(width + 2), HW2_((height + 2) * (width + 2)),
         current_(HW2_), next_(HW2_) {
-    count_masks();
+    find_runs();
     stats_.assign(M_ * L_, 0.0);
     float_normalized_.assign(M_ * Lp_, 0.0f);
     version_.assign(M_, 1);
@@ -329,15 +329,23 @@ class DustFill {
   }
 
  private:
-  // Validates the ids and sets M_ and unassigned_, before anything is allocated.
-  void count_masks() {
+  // The image as runs of one id along its rows (runs_); validates the ids and sets M_ and
+  // unassigned_, before anything else is allocated.
+  void find_runs() {
     int32_t largest = -1, smallest = -1;
-    uint32_t unassigned = 0;  // H * W < 2^31 (checked by the ops)
-    for (int64_t p = 0; p < HW_; ++p) {  // in a form the compiler vectorizes
-      const int32_t id = regions_[p];
-      largest = id > largest ? id : largest;
-      smallest = id < smallest ? id : smallest;
-      unassigned += static_cast<uint32_t>(id) >> 31;
+    int64_t unassigned = 0;
+    for (int64_t row = 0; row < HW_; row += W_) {
+      const int32_t* const row_end = regions_ + row + W_;
+      for (const int32_t* at = regions_ + row; at < row_end;) {
+        const int32_t k = *at;
+        const int32_t* stop = std::find_if(at + 1, row_end, [k](int32_t id) { return id != k; });
+        // (pixel indices fit int32: H * W < 2^31, checked by the ops)
+        runs_.push_back({static_cast<int32_t>(at - regions_), static_cast<int32_t>(stop - regions_), k});
+        largest = std::max(largest, k);
+        smallest = std::min(smallest, k);
+        unassigned += k < 0 ? stop - at : 0;
+        at = stop;
+      }
     }
     TORCH_CHECK_VALUE(
         smallest >= -1 && largest < HW_, "regions: expected ids in [-1, H*W) (-1 = unassigned), got ids from ",
@@ -354,8 +362,16 @@ class DustFill {
 
   // Pixels [begin, end) of one row, all of region `region` (-1: unassigned).
   struct Run {
-    int64_t begin, end;
+    int32_t begin, end;
     int32_t region;
+  };
+
+  // The runs of a chunk of rows.
+  struct Runs {
+    const Run* first;
+    const Run* last;
+    const Run* begin() const { return first; }
+    const Run* end() const { return last; }
   };
 
   // Chunk by chunk of rows, label block by label block: each value is read once (a block's
@@ -364,9 +380,12 @@ class DustFill {
   void read_probabilities(const double* new_threshold) {
     const int64_t row_bytes = L_ * static_cast<int64_t>(sizeof(prob_t)) * std::max<int64_t>(W_, 1);
     const int64_t rows = std::max<int64_t>(1, kChunkBytes / row_bytes);
+    const Run* const all_runs_end = runs_.data() + runs_.size();
+    chunk_ = {runs_.data(), runs_.data()};
     for (int64_t y = 0; y < H_; y += rows) {
-      const int64_t begin = y * W_, end = std::min(H_, y + rows) * W_;
-      find_runs(begin, end);
+      const int64_t end = std::min(H_, y + rows) * W_;
+      chunk_.first = chunk_.last;
+      while (chunk_.last < all_runs_end && chunk_.last->begin < end) ++chunk_.last;
       make_room_for_copies();
       int64_t l = 0;
       for (; l + kLabelBlock <= L_; l += kLabelBlock) read_block<kLabelBlock>(l);
@@ -390,25 +409,11 @@ class DustFill {
   // Sizes the chunk's copies (the padding labels are zero, never written), best and label.
   void make_room_for_copies() {
     int64_t quads = 0;
-    for (const Run& run : runs_) quads += run.region < 0 ? quads_for(run) : 0;
+    for (const Run& run : chunk_) quads += run.region < 0 ? quads_for(run) : 0;
     if (quads * 4 <= static_cast<int64_t>(best_.size())) return;
     best_.resize(quads * 4);
     label_.resize(quads * 4);
     copies_.resize(quads * 4 * Lp_, prob_t(0));
-  }
-
-  // runs_: the rows of pixels [begin, end) as runs of one region id (-1: unassigned).
-  void find_runs(int64_t begin, int64_t end) {
-    runs_.clear();
-    for (int64_t row = begin; row < end; row += W_) {
-      const int32_t* const row_end = regions_ + row + W_;
-      for (const int32_t* at = regions_ + row; at < row_end;) {
-        const int32_t k = *at;
-        const int32_t* stop = std::find_if(at + 1, row_end, [k](int32_t id) { return id != k; });
-        runs_.push_back({at - regions_, stop - regions_, k});
-        at = stop;
-      }
-    }
   }
 
   // Labels first_label.. first_label + n - 1 of the chunk's runs: a region's run adds to its
@@ -418,7 +423,7 @@ class DustFill {
   void read_block(int64_t first_label) {
     for (int64_t j = 0; j < n; ++j) block_planes_[j] = probs_ + (first_label + j) * HW_;
     int64_t u = 0;  // the place of the chunk's next unassigned run
-    for (const Run& run : runs_) {
+    for (const Run& run : chunk_) {
       if (run.region < 0) {
         copy_run<n>(run.begin, run.end, first_label, u);
         u += 4 * quads_for(run);
@@ -486,7 +491,7 @@ class DustFill {
   void settle_unassigned(int64_t first_row, int64_t end, const double* new_threshold) {
     for (int64_t y = first_row; y * W_ < end; ++y) std::copy_n(regions_ + y * W_, W_, &mapping_[(y + 1) * W2_ + 1]);
     int64_t next_run = 0;
-    for (const Run& run : runs_) {
+    for (const Run& run : chunk_) {
       if (run.region >= 0) continue;
       int64_t u = next_run;
       next_run += 4 * quads_for(run);
@@ -888,10 +893,11 @@ class DustFill {
   double float_error_ = 0.0, margin_ = 0.0;
   std::vector<double> limits_;    // by failed visits
   std::vector<int32_t> mapping_;  // framed: mask of each pixel; ~slot of a waiting pixel
-  // The read pass: the chunk's runs; per place of the chunk's unassigned pixels, the most probable
-  // label so far and its probability, and its copy (in quads, padded with zeros to Lp labels);
-  // whether all values read are probabilities.
+  // The read pass: the image's runs in scan order, the chunk's; per place of the chunk's
+  // unassigned pixels, the most probable label so far and its probability, and its copy (in
+  // quads, padded with zeros to Lp labels); whether all values read are probabilities.
   std::vector<Run> runs_;
+  Runs chunk_{};
   std::vector<prob_t> best_;
   std::vector<label_like_t<prob_t>> label_;
   std::vector<prob_t> copies_;
