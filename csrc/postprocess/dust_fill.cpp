@@ -11,12 +11,13 @@
 // tests/postprocess_reference.py reproduces. (The lanes let the read pass convert and add two
 // values at once.)
 //
-// The read pass goes over the probabilities once, in chunks of rows whose label planes stay in
-// the L2 cache. A chunk's runs of a region along a row are found once; then, label block by label
-// block, each run of a region adds to the region's sums (in two lanes per label, kept in
-// registers along the run), and each run of unassigned pixels is copied pixel by
-// pixel to a buffer of the chunk's size, its argmax going on. Then the chunk's unassigned pixels
-// are promoted, or copied to their slots for the relaxation ("waiting").
+// The read pass goes over the probabilities once, in chunks of rows. The image's runs of one id
+// along its rows are found once, as the ids are validated; then, chunk by chunk and label block
+// by label block, each run of a region adds to the region's sums (in two lanes per label, kept in
+// registers along the run), and each run of unassigned pixels is copied, four pixels of a label
+// at a time, to quads of a buffer (a quad: [labels][4 pixels]), its argmax going on. Then the
+// chunk's unassigned pixels are promoted, or copied to their slots for the relaxation
+// ("waiting").
 //
 // The relaxation. The pseudo-code's stack holds the waiting pixels in scan order; a round pops
 // them all and pushes those that stay onto the swap buffer, the next round's stack: so even
