@@ -553,16 +553,19 @@ class DustFill {
     out[3] = pixel - 1;
   }
 
-  static bool is_mask(int32_t m) { return m >= 0 && m != kOutside; }
+  static bool is_mask(int32_t m) { return (m >= 0) & (m != kOutside); }
 
-  // The distinct masks among the pixel's neighbours, in neighbours_of's order.
+  // The distinct masks among the pixel's neighbours, in neighbours_of's order. Without branches
+  // (which neighbours are masks is hard to predict): each is written at the next place, which
+  // moves on only if it is a new mask. `masks` has room for 4.
   int bordering_masks(int64_t pixel, int32_t* masks) const {
     const int32_t m[4] = {mapping_[pixel + W2_], mapping_[pixel - W2_], mapping_[pixel + 1], mapping_[pixel - 1]};
     int count = 0;
     for (int i = 0; i < 4; ++i) {
-      bool seen = !is_mask(m[i]);
-      for (int j = 0; j < i; ++j) seen |= m[j] == m[i];
-      if (!seen) masks[count++] = m[i];
+      bool is_new = is_mask(m[i]);
+      for (int j = 0; j < i; ++j) is_new &= m[j] != m[i];
+      masks[count] = m[i];
+      count += is_new;
     }
     return count;
   }
