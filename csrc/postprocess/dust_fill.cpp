@@ -112,6 +112,13 @@ void normalize(const value_t* values, int64_t n, double* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(values[i]) * inverse;
 }
 
+// The first of the n smallest of `values` (n >= 1), with selects rather than branches.
+int first_smallest(const double* values, int n) {
+  int smallest = 0;
+  for (int k = 1; k < n; ++k) smallest = values[k] < values[smallest] ? k : smallest;
+  return smallest;
+}
+
 // The L x L identity: the statistics of the promoted masks.
 void write_one_hot_rows(int64_t num_labels, double* out) {
   std::fill(out, out + num_labels * num_labels, 0.0);
@@ -680,7 +687,7 @@ class DustFill {
   // least `reach` (lower bounds, margins taken): at `from` if a threshold then may pass one,
   // else at the first round whose threshold may, and the regions' drift may bring that forward.
   void plan_from(int64_t pixel, Slot& s, int64_t from, const int32_t* masks, int n, const double* reach) {
-    const int64_t round = first_passing_round(s, from, *std::min_element(reach, reach + n));
+    const int64_t round = first_passing_round(s, from, reach[first_smallest(reach, n)]);
     plan(pixel, s, round);
     if (round == from) return;
     for (int k = 0; k < n; ++k) guard(pixel, s, masks[k], reach[k], round);
@@ -820,14 +827,12 @@ class DustFill {
   // The pseudo-code's choice (the first mask of smallest distance below `limit`) where the float
   // distances settle it whatever their error: kNoMatch, its index, or kUnsure.
   int sure_verdict(int n, double limit, const double* distance) const {
-    const int closest = static_cast<int>(std::min_element(distance, distance + n) - distance);
+    const int closest = first_smallest(distance, n);
     const double d = distance[closest];
     if (d >= limit + float_error_) return kNoMatch;
-    if (!(d < limit - float_error_)) return kUnsure;
-    for (int k = 0; k < n; ++k) {
-      if (k != closest && !(distance[k] > d + 2.0 * float_error_)) return kUnsure;
-    }
-    return closest;
+    bool unsure = !(d < limit - float_error_);
+    for (int k = 0; k < n; ++k) unsure |= (k != closest) & !(distance[k] > d + 2.0 * float_error_);
+    return unsure ? kUnsure : closest;
   }
 
   // L1 distances in float from the pixel's normalized probabilities to the normalized statistics
