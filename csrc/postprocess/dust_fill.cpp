@@ -303,7 +303,7 @@ class DustFill {
     read_probabilities(new_threshold);
     remaining_ = waiting_;
     if (remaining_ == 0) return true;
-    if (M_ == 0 && promoted_ == 0) return false;
+    if (M_ == 0 && waiting_ == unassigned_) return false;  // no region, nothing promoted
     tabulate_limits(join_threshold, impatience);
     activate_bordering_pixels();
     relax();
@@ -508,7 +508,6 @@ class DustFill {
         const int64_t pixel = framed + (p - run.begin);
         if (static_cast<double>(best_[u]) >= new_threshold[label_[u]]) {
           mapping_[pixel] = static_cast<int32_t>(M_ + label_[u]);
-          ++promoted_;
         } else {
           make_waiting(pixel, quad_of(u) + place_in_quad(u));
         }
@@ -897,7 +896,6 @@ class DustFill {
   const int64_t W2_, HW2_;  // the framed image
   int64_t M_ = 0;
   int64_t unassigned_ = 0;  // pixels of no region
-  int64_t promoted_ = 0;
   int64_t remaining_ = 0;  // waiting pixels not joined yet
   double float_error_ = 0.0, margin_ = 0.0;
   std::vector<double> limits_;    // by failed visits
