@@ -26,6 +26,19 @@ CXX_FLAGS = ["-O3", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
+def cxx_runtime() -> list[str]:
+    """The C++ runtime named as a shared library, ahead of torch's libraries.
+
+    A compiler whose private library folder holds only ``libstdc++.a`` (a wrapper passing ``-B``,
+    as on one GPU image) links the runtime statically: the extension then carries a second copy
+    of it beside the one torch loaded, and on that image every C++ exception thrown from the
+    extension (each TORCH_CHECK on a bad input) crashed the process instead of reaching Python.
+    Naming the shared object's file resolves every runtime symbol from it, so the static archive
+    adds nothing. A new list each call: torch's extension helpers append to it in place.
+    """
+    return [":libstdc++.so.6"] if sys.platform.startswith("linux") else []
+
+
 def sources(pattern: str) -> list[str]:
     """Sorted source files relative to the repository root, so builds are reproducible."""
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
@@ -58,9 +71,14 @@ def localattn_extension():
             cpp + sources("csrc/localattn/cuda/*.cu"),
             extra_compile_args={"cxx": CXX_FLAGS + ["-DWITH_CUDA"], "nvcc": NVCC_FLAGS},
             extra_link_args=["-fopenmp"],
+            libraries=cxx_runtime(),
         )
     return CppExtension(
-        "localattn._C", cpp, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"]
+        "localattn._C",
+        cpp,
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=["-fopenmp"],
+        libraries=cxx_runtime(),
     )
 
 
@@ -70,6 +88,7 @@ def postprocess_extension():
         sources("csrc/postprocess/*.cpp"),
         extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=["-fopenmp"],
+        libraries=cxx_runtime(),
     )
 
 

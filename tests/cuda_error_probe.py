@@ -3,8 +3,12 @@
 On one H200 machine (torch 2.11.0+cu130, the extension built there with /opt/gcc and nvcc 13.0)
 every input error that the CUDA launcher of localattn raises (block_size 5, an rpb of the wrong
 shape, a head size beyond shared memory) ended the process with a segmentation fault instead of
-a ValueError, while the same checks raise cleanly on the CPU machines. This script tells the
-cases apart, each in its own process, in a few seconds:
+a ValueError, while the same checks raise cleanly on the CPU machines. On 2026-11-28 the probe
+showed the CPU kernel's checks crashing too, and the extension without libstdc++ among its needed
+libraries: the image's compiler (/opt/gcc/bin/g++, a wrapper passing -B with a private folder)
+had linked the C++ runtime statically. setup.py now names the shared runtime (tests/test_build.py
+checks it with such a wrapper); not yet run on that image. This script tells the cases apart,
+each in its own process, in a few seconds:
 
     python tests/cuda_error_probe.py
 
