@@ -29,10 +29,11 @@ NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 def cxx_runtime() -> list[str]:
     """The C++ runtime named as a shared library, ahead of torch's libraries.
 
-    A compiler whose private library folder holds only ``libstdc++.a`` (a wrapper passing ``-B``,
-    as on one GPU image) links the runtime statically: the extension then carries a second copy
-    of it beside the one torch loaded, and on that image every C++ exception thrown from the
-    extension (each TORCH_CHECK on a bad input) crashed the process instead of reaching Python.
+    A compiler whose private library folder holds only ``libstdc++.a`` links the runtime
+    statically: the extension then carries a second copy of it beside the one torch loaded. On
+    one GPU image (its g++ a wrapper passing such a folder with ``-B``) the extension came out so,
+    and every C++ exception thrown from it (each TORCH_CHECK on a bad input) crashed the process
+    instead of reaching Python.
     Naming the shared object's file resolves every runtime symbol from it, so the static archive
     adds nothing. A new list each call: torch's extension helpers append to it in place.
     """
