@@ -26,8 +26,9 @@ CXX_FLAGS = ["-O3", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
-def cxx_runtime() -> list[str]:
-    """The C++ runtime named as a shared library, ahead of torch's libraries.
+def link_options() -> dict:
+    """How every extension links: with OpenMP, and the C++ runtime named as a shared library,
+    ahead of torch's libraries.
 
     A compiler whose private library folder holds only ``libstdc++.a`` links the runtime
     statically: the extension then carries a second copy of it beside the one torch loaded. On
@@ -35,9 +36,10 @@ def cxx_runtime() -> list[str]:
     and every C++ exception thrown from it (each TORCH_CHECK on a bad input) crashed the process
     instead of reaching Python.
     Naming the shared object's file resolves every runtime symbol from it, so the static archive
-    adds nothing. A new list each call: torch's extension helpers append to it in place.
+    adds nothing. New lists each call: torch's extension helpers append to them in place.
     """
-    return [":libstdc++.so.6"] if sys.platform.startswith("linux") else []
+    runtime = [":libstdc++.so.6"] if sys.platform.startswith("linux") else []
+    return {"extra_link_args": ["-fopenmp"], "libraries": runtime}
 
 
 def sources(pattern: str) -> list[str]:
@@ -71,16 +73,9 @@ def localattn_extension():
             "localattn._C",
             cpp + sources("csrc/localattn/cuda/*.cu"),
             extra_compile_args={"cxx": CXX_FLAGS + ["-DWITH_CUDA"], "nvcc": NVCC_FLAGS},
-            extra_link_args=["-fopenmp"],
-            libraries=cxx_runtime(),
+            **link_options(),
         )
-    return CppExtension(
-        "localattn._C",
-        cpp,
-        extra_compile_args={"cxx": CXX_FLAGS},
-        extra_link_args=["-fopenmp"],
-        libraries=cxx_runtime(),
-    )
+    return CppExtension("localattn._C", cpp, extra_compile_args={"cxx": CXX_FLAGS}, **link_options())
 
 
 def postprocess_extension():
@@ -88,8 +83,7 @@ def postprocess_extension():
         "unet._C",
         sources("csrc/postprocess/*.cpp"),
         extra_compile_args={"cxx": CXX_FLAGS},
-        extra_link_args=["-fopenmp"],
-        libraries=cxx_runtime(),
+        **link_options(),
     )
 
 
