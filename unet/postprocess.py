@@ -181,6 +181,15 @@ def boundary_from_labels(labels):
     return source.give_back(out[0] if single else out)
 
 
+def _readied(op, boundary, iterations) -> torch.Tensor | np.ndarray:
+    """A bool boundary map (H, W) / (B, H, W) through one of the boundary-readying ops."""
+    source = _Input(boundary, "boundary")
+    _check_dtype(source.tensor, "boundary", (torch.bool,), "bool")
+    batch, single = _batched(source.tensor, "boundary", 2, "(H, W)")
+    out = op(batch, _count(iterations, "iterations"))
+    return source.give_back(out[0] if single else out)
+
+
 def close_gaps(boundary, iterations: int = GAP_ITERATIONS):
     """Expand-contract: ``iterations`` dilations, then as many erosions, alternating the 8- and
     the 4-neighbourhood (8 first).
@@ -190,16 +199,11 @@ def close_gaps(boundary, iterations: int = GAP_ITERATIONS):
     never fills a gap that a corner of its shape fits through, and the diamond's corners fit
     through gaps in straight boundaries, the square's through gaps in diagonal ones. The octagon
     closes gaps of up to ``iterations`` pixels in straight boundaries, ``iterations // 2`` rows
-    in diagonal ones. Regions narrower than the octagon
-    may fill up too (DUST_FILL labels their pixels). The image is treated as surrounded by
-    non-boundary pixels, so no boundary pixel is ever removed. Iterations beyond the image's
-    larger side count as that side.
+    in diagonal ones. Regions narrower than the octagon may fill up too (DUST_FILL labels their
+    pixels). The image is treated as surrounded by non-boundary pixels, so no boundary pixel is
+    ever removed. Iterations beyond the image's larger side count as that side.
     """
-    source = _Input(boundary, "boundary")
-    _check_dtype(source.tensor, "boundary", (torch.bool,), "bool")
-    batch, single = _batched(source.tensor, "boundary", 2, "(H, W)")
-    out = torch.ops.unet.close_gaps(batch, _count(iterations, "iterations"))
-    return source.give_back(out[0] if single else out)
+    return _readied(torch.ops.unet.close_gaps, boundary, iterations)
 
 
 def prepare_boundary(boundary, iterations: int = GAP_ITERATIONS):
@@ -220,11 +224,7 @@ def prepare_boundary(boundary, iterations: int = GAP_ITERATIONS):
 
     Iterations beyond the image's larger side count as that side. Returns a bool map.
     """
-    source = _Input(boundary, "boundary")
-    _check_dtype(source.tensor, "boundary", (torch.bool,), "bool")
-    batch, single = _batched(source.tensor, "boundary", 2, "(H, W)")
-    out = torch.ops.unet.prepare_boundary(batch, _count(iterations, "iterations"))
-    return source.give_back(out[0] if single else out)
+    return _readied(torch.ops.unet.prepare_boundary, boundary, iterations)
 
 
 def segment(boundary, min_size: int = MIN_SIZE):
